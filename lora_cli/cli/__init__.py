@@ -1,0 +1,1 @@
+"""Command-line entry points: they only parse arguments and call the library modules."""

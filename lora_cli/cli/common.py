@@ -1,0 +1,72 @@
+"""What every command shares: logging set-up and turning exceptions into one clear line and an exit code."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+import traceback
+import warnings
+from typing import Callable
+
+from ..errors import LoraCliError
+
+
+def setup_logging(prog: str, debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(prog))
+    logger = logging.getLogger("lora_cli")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    logger.propagate = False
+    if not debug:  # library chatter that users cannot act on; --debug shows it
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, prog: str):
+        super().__init__()
+        self.prog = prog
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        return f"{self.prog}: {level}{record.getMessage()}"
+
+
+def run_cli(prog: str, argv: list[str] | None, body: Callable[[list[str]], object]) -> int:
+    """Run a command body; expected failures end in one line and exit 2 (usage/data) or 1 (runtime)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    setup_logging(prog, debug)
+    try:
+        body(argv)
+        return 0
+    except LoraCliError as exc:
+        return _fail(prog, str(exc), exc.exit_code, debug)
+    except KeyboardInterrupt:
+        return _fail(prog, "interrupted", 130, debug)
+    except MemoryError:
+        return _fail(prog, "out of memory: lower --batch_size or --max_seq_length, or use --load_in_4bit", 1, debug)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            return _fail(prog, f"disk full while writing {exc.filename or 'output'}: free space and re-run", 1, debug)
+        return _fail(prog, f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1, debug)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if type(exc).__name__ == "OutOfMemoryError":
+            return _fail(prog, "out of GPU memory: lower --batch_size or --max_seq_length, keep "
+                               "--gradient_checkpointing on, or use --load_in_4bit", 1, debug)
+        message = " ".join(str(exc).split())[:500]
+        return _fail(prog, f"unexpected {type(exc).__name__}: {message} (re-run with --debug for the traceback)",
+                     1, debug)
+
+
+def _fail(prog: str, message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return code

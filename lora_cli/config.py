@@ -1,0 +1,326 @@
+"""The one typed config of lora-train: flags, YAML keys, --help text and the saved run config all come from here.
+
+Order of precedence: field defaults < `--config file.yaml` < command-line flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+# Keys that steer the command itself and are never written to the saved run config.
+CLI_ONLY = ("config", "debug")
+
+
+def opt(default: Any, help: str, *, group: str, choices: tuple[str, ...] | None = None, metavar: str | None = None):
+    """A config field: its default, its --help text, its help group and (for strings) the allowed values."""
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices, "metavar": metavar})
+
+
+@dataclass
+class TrainConfig:
+    # --- run ---------------------------------------------------------------------------------------------------------
+    config: str = opt("", "YAML file whose keys are these flag names; flags given on the command line win.",
+                      group="run", metavar="FILE")
+    output_dir: str = opt("", "Where the adapter, tokenizer, run config, metrics and checkpoints are written "
+                              "(required).", group="run", metavar="DIR")
+    overwrite: bool = opt(False, "Allow writing into a non-empty --output_dir (its old checkpoints are removed).",
+                          group="run")
+    debug: bool = opt(False, "Show full tracebacks and library warnings.", group="run")
+
+    # --- model -------------------------------------------------------------------------------------------------------
+    base_model: str = opt("", "Base model: a Hub id, a local Hugging Face folder or a .gguf file. Empty: the "
+                              "embedded demo model (SmolLM2-135M-Instruct, works offline).", group="model",
+                          metavar="MODEL")
+    trust_remote_code: bool = opt(False, "Run model code shipped with the model repository (off: only code in "
+                                         "transformers is used).", group="model")
+    load_in_4bit: bool = opt(False, "QLoRA: load the base model in 4-bit NF4 with double quantisation "
+                                    "(bitsandbytes).", group="model")
+    load_in_8bit: bool = opt(False, "Load the base model in 8-bit (bitsandbytes LLM.int8).", group="model")
+    precision: str = opt("auto", "Compute precision. auto: bf16 on GPUs that support it, else fp16 on GPU, fp32 on "
+                                 "CPU.", group="model", choices=("auto", "bf16", "fp16", "fp32"))
+    attn_implementation: str = opt("sdpa", "Attention kernel passed to transformers.", group="model",
+                                   choices=("sdpa", "eager", "flash_attention_2", "flash_attention_3"))
+
+    # --- data --------------------------------------------------------------------------------------------------------
+    train_path: str = opt("", "Training data (required): .jsonl/.json/.parquet/.csv with OpenAI messages, "
+                              "ShareGPT conversations, Alpaca or prompt/completion rows.", group="data",
+                          metavar="FILE")
+    eval_path: str = opt("", "Held-out evaluation data, same formats as --train_path.", group="data",
+                         metavar="FILE")
+    val_split: float = opt(0.0, "Hold out this fraction of --train_path for evaluation (instead of --eval_path).",
+                           group="data")
+    max_seq_length: int = opt(2048, "Longest tokenised conversation trained on.", group="data")
+    truncation: str = opt("drop", "What happens to conversations longer than --max_seq_length: drop them, or "
+                                  "truncate them (their end is lost). Either way the count is reported.",
+                          group="data", choices=("drop", "truncate"))
+    chat_template: str = opt("", "Override the model's chat template: 'chatml' or a path to a .jinja file. Empty: "
+                                 "the model's own (ChatML with a warning when it has none).", group="data",
+                             metavar="NAME|PATH")
+    train_on_inputs: bool = opt(False, "Train on every token (system and user text too) instead of only the "
+                                       "assistant turns and their end-of-turn token.", group="data")
+
+    # --- LoRA --------------------------------------------------------------------------------------------------------
+    lora_r: int = opt(16, "LoRA rank.", group="lora")
+    lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with --use_rslora).",
+                          group="lora")
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA input.", group="lora")
+    target_modules: str = opt("all-linear", "Modules that get adapters: 'all-linear' or a comma-separated list "
+                                            "such as q_proj,v_proj.", group="lora", metavar="MODULES")
+    use_rslora: bool = opt(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).", group="lora")
+    use_dora: bool = opt(False, "Weight-decomposed LoRA (DoRA).", group="lora")
+    init_lora_weights: str = opt("default", "Initialisation of the adapter weights.", group="lora",
+                                 choices=("default", "gaussian", "pissa", "olora"))
+    modules_to_save: str = opt("", "Comma-separated modules trained in full and saved with the adapter (e.g. "
+                                   "embed_tokens,lm_head).", group="lora", metavar="MODULES")
+
+    # --- training ----------------------------------------------------------------------------------------------------
+    learning_rate: float = opt(1e-4, "Peak learning rate.", group="training")
+    num_train_epochs: float = opt(3.0, "Passes over the training data (ignored when --max_steps > 0).",
+                                  group="training")
+    max_steps: int = opt(-1, "Stop after this many optimizer steps (-1: use --num_train_epochs).",
+                         group="training")
+    batch_size: int = opt(1, "Conversations per device per micro-batch.", group="training")
+    gradient_accumulation_steps: int = opt(4, "Micro-batches per optimizer step.", group="training")
+    optim: str = opt("paged_adamw_32bit", "Optimizer (any name transformers accepts, e.g. adamw_torch).",
+                     group="training")
+    lr_scheduler_type: str = opt("cosine", "Learning-rate schedule (e.g. cosine, linear, constant).",
+                                 group="training")
+    warmup_ratio: float = opt(0.03, "Fraction of the steps spent warming the learning rate up.", group="training")
+    weight_decay: float = opt(0.0, "AdamW weight decay.", group="training")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).", group="training")
+    gradient_checkpointing: bool = opt(True, "Recompute activations in the backward pass to save memory.",
+                                       group="training")
+    packing: bool = opt(False, "Pack several conversations into each sequence, padding-free, with no attention "
+                               "across conversations.", group="training")
+    seed: int = opt(42, "Random seed for data order, splits and adapter initialisation.", group="training")
+
+    # --- logging and checkpoints -------------------------------------------------------------------------------------
+    logging_steps: int = opt(10, "Log the training loss every N optimizer steps.", group="logging")
+    eval_steps: int = opt(0, "Evaluate every N optimizer steps (0: every --save_steps). The eval loss is also "
+                             "measured before and after training.", group="logging")
+    save_steps: int = opt(100, "Write a checkpoint every N optimizer steps.", group="logging")
+    save_total_limit: int = opt(2, "Keep at most this many checkpoints (0: keep all).", group="logging")
+    report_to: str = opt("none", "Experiment tracker.", group="logging", choices=("none", "tensorboard", "wandb"))
+
+
+GROUP_TITLES = {
+    "run": "run",
+    "model": "base model",
+    "data": "data and chat template",
+    "lora": "LoRA",
+    "training": "training",
+    "logging": "logging and checkpoints",
+}
+
+
+def fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(TrainConfig))
+
+
+def _types() -> dict[str, type]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def build_parser(prog: str = "lora-train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Fine-tune a causal language model with LoRA or QLoRA on a chat dataset. Loss is computed on "
+                    "assistant turns only (end-of-turn token included) unless --train_on_inputs.",
+        epilog="Every flag is also a YAML key for --config. Example: lora-train --config configs/demo.yaml",
+        argument_default=argparse.SUPPRESS,  # only flags the user typed appear in the namespace
+        allow_abbrev=False,
+    )
+    groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
+    types = _types()
+    for f in fields():
+        meta, kind = f.metadata, types[f.name]
+        group = groups[meta["group"]]
+        help_text = meta["help"] + (f" (default: {f.default!r})" if not isinstance(f.default, bool) else "")
+        if kind is bool:
+            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
+                               help=meta["help"] + f" (default: {'on' if f.default else 'off'})")
+        else:
+            metavar = meta["metavar"] or ("{" + ",".join(meta["choices"]) + "}" if meta["choices"] else
+                                          kind.__name__.upper())
+            # Values stay strings here: _coerce checks types and validate() checks choices, so that every
+            # problem is reported at once instead of argparse stopping at the first.
+            group.add_argument(f"--{f.name}", type=str, metavar=metavar, help=help_text)
+    return parser
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _coerce(name: str, value: Any, kind: type, where: str) -> tuple[Any, str | None]:
+    """Convert a YAML or flag value to the field's type; return (value, error)."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value, None
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1"), None
+        return None, f"{where}: expected true or false, got {value!r}"
+    if kind is int:
+        if isinstance(value, bool):
+            return None, f"{where}: expected an integer, got {value!r}"
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value if not isinstance(value, str) else value.strip()), None
+        except (TypeError, ValueError):
+            return None, f"{where}: expected an integer, got {value!r}"
+    if kind is float:
+        if isinstance(value, bool):
+            return None, f"{where}: expected a number, got {value!r}"
+        try:
+            return float(value), None
+        except (TypeError, ValueError):
+            return None, f"{where}: expected a number, got {value!r}"
+    if isinstance(value, (list, tuple)) and name in ("target_modules", "modules_to_save"):
+        return ",".join(str(v) for v in value), None
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        return None, f"{where}: expected a string, got {value!r}"
+    return str(value), None
+
+
+def _read_yaml(path: str, errors: list[str]) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        errors.append(f"--config: file not found: {path}")
+        return {}
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        errors.append(f"--config {path}: not valid YAML: {' '.join(str(exc).split())}")
+        return {}
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        errors.append(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
+        return {}
+    return data
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "lora-train") -> TrainConfig:
+    """Parse flags (and the YAML they name), validate everything, and raise one UsageError listing every problem."""
+    parser = build_parser(prog)
+    ns, unknown = parser.parse_known_args(argv)
+    given = vars(ns)
+    errors: list[str] = []
+    known_flags = [f"--{f.name}" for f in fields()]
+    after_flag = False
+    for token in unknown:
+        if token.startswith("-"):
+            flag = token.split("=", 1)[0]
+            errors.append(f"unknown flag {flag}{_suggest(flag, known_flags)}")
+            after_flag = "=" not in token
+        elif not after_flag:  # a value right after an unknown flag belongs to it
+            errors.append(f"unexpected argument {token!r} (every option is a --flag)")
+        else:
+            after_flag = False
+
+    types = _types()
+    values: dict[str, Any] = {}
+    config_path = given.get("config", "")
+    if config_path:
+        for key, value in _read_yaml(config_path, errors).items():
+            if key not in types or key in CLI_ONLY:
+                errors.append(f"--config {config_path}: unknown key '{key}'{_suggest(str(key), list(types))}")
+                continue
+            coerced, err = _coerce(key, value, types[key], f"--config {config_path}: {key}")
+            if err:
+                errors.append(err)
+            else:
+                values[key] = coerced
+    for key, value in given.items():
+        coerced, err = _coerce(key, value, types[key], f"--{key}")
+        if err:
+            errors.append(err)
+        else:
+            values[key] = coerced
+
+    cfg = TrainConfig(**values)
+    errors.extend(validate(cfg))
+    if errors:
+        raise UsageError("\n".join(errors) if len(errors) == 1 else
+                         f"{len(errors)} problems with the arguments:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> list[str]:
+    """Every problem with a config, each naming the flag as the user types it."""
+    errors: list[str] = []
+    for f in fields():
+        choices = f.metadata["choices"]
+        value = getattr(cfg, f.name)
+        if choices and value not in choices:
+            errors.append(f"--{f.name}: {value!r} is not one of {', '.join(choices)}")
+
+    if not cfg.output_dir:
+        errors.append("--output_dir is required (where the adapter is written)")
+    if not cfg.train_path:
+        errors.append("--train_path is required (a .jsonl/.json/.parquet/.csv chat dataset)")
+    for flag in ("train_path", "eval_path"):
+        path = getattr(cfg, flag)
+        if path and not os.path.isfile(path):
+            errors.append(f"--{flag}: file not found: {path}")
+    if cfg.eval_path and cfg.val_split > 0:
+        errors.append("--eval_path and --val_split both set: choose one source of evaluation data")
+    if not 0 <= cfg.val_split < 1:
+        errors.append(f"--val_split: must be in [0, 1), got {cfg.val_split}")
+    if cfg.load_in_4bit and cfg.load_in_8bit:
+        errors.append("--load_in_4bit and --load_in_8bit both set: choose one")
+    if (cfg.load_in_4bit or cfg.load_in_8bit) and cfg.init_lora_weights in ("pissa", "olora"):
+        errors.append(f"--init_lora_weights {cfg.init_lora_weights} needs full-precision base weights: drop it or "
+                      "drop --load_in_4bit/--load_in_8bit")
+    positive = ("max_seq_length", "lora_r", "lora_alpha", "batch_size", "gradient_accumulation_steps",
+                "logging_steps", "save_steps")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            errors.append(f"--{name}: must be > 0, got {getattr(cfg, name)}")
+    for name in ("eval_steps", "save_total_limit", "weight_decay", "max_grad_norm"):
+        if getattr(cfg, name) < 0:
+            errors.append(f"--{name}: must be >= 0, got {getattr(cfg, name)}")
+    if cfg.learning_rate <= 0:
+        errors.append(f"--learning_rate: must be > 0, got {cfg.learning_rate}")
+    if not 0 <= cfg.lora_dropout < 1:
+        errors.append(f"--lora_dropout: must be in [0, 1), got {cfg.lora_dropout}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        errors.append(f"--warmup_ratio: must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.max_steps <= 0 and cfg.max_steps != -1:
+        errors.append(f"--max_steps: must be > 0, or -1 to train for --num_train_epochs, got {cfg.max_steps}")
+    if cfg.max_steps == -1 and cfg.num_train_epochs <= 0:
+        errors.append(f"--num_train_epochs: must be > 0, got {cfg.num_train_epochs}")
+    if not split_list(cfg.target_modules):
+        errors.append("--target_modules: empty; use all-linear or a list such as q_proj,v_proj")
+    if cfg.chat_template and cfg.chat_template != "chatml" and not os.path.isfile(cfg.chat_template):
+        errors.append(f"--chat_template: {cfg.chat_template!r} is neither 'chatml' nor an existing .jinja file")
+    return errors
+
+
+def split_list(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The run config as saved next to the adapter; it is itself a valid --config file."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in CLI_ONLY}
+
+
+def save(cfg: TrainConfig, path: Path) -> None:
+    import yaml
+
+    header = "# lora-train run config: reuse with  lora-train --config THIS_FILE\n"
+    path.write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

