@@ -2,12 +2,14 @@
 
 Supported rows: {"messages": [...]}, ShareGPT {"conversations": [{"from", "value"}]}, Alpaca
 {"instruction", "input", "output"}, and {"prompt", "completion"} (strings or message lists).
-Files: .jsonl (read here, line by line, so errors name the line), .json, .parquet and .csv (via `datasets`).
+Files: .jsonl and .csv (read here, so errors name the line), .json, and .parquet (via `datasets`).
 Every problem raises DataError naming the file and the line (or row) and what is wrong.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
-DATASETS_SUFFIXES = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
+DATASETS_SUFFIXES = {".parquet": "parquet"}
 
 
 @dataclass
@@ -40,6 +42,8 @@ def load_conversations(path: str) -> list[Conversation]:
         rows = _read_jsonl(p)
     elif suffix == ".json":
         rows = _read_json(p)
+    elif suffix == ".csv":
+        rows = _read_csv(p)
     elif suffix in DATASETS_SUFFIXES:
         rows = _read_with_datasets(p, DATASETS_SUFFIXES[suffix])
     else:
@@ -79,9 +83,12 @@ def _read_jsonl(p: Path) -> Iterator[tuple[str, Any]]:
         if not line:
             continue
         try:
-            yield f"{p}:{number}", json.loads(line)
+            row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{p}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        except (ValueError, RecursionError) as exc:
+            raise DataError(f"{p}:{number}: invalid JSON: {_json_limit(exc)}") from None
+        yield f"{p}:{number}", row
 
 
 def _read_json(p: Path) -> list[tuple[str, Any]]:
@@ -95,7 +102,52 @@ def _read_json(p: Path) -> list[tuple[str, Any]]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{p}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:
+        raise DataError(f"{p}: invalid JSON: {_json_limit(exc)}") from None
     return [(f"{p}:row {i}", row) for i, row in enumerate(data, start=1)]
+
+
+def _json_limit(exc: Exception) -> str:
+    # json.loads raises these, not JSONDecodeError, for input it parses but cannot hold.
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return " ".join(str(exc).split(";")[0].split())  # e.g. an integer with more than 4300 digits
+
+
+def _read_csv(p: Path) -> list[tuple[str, Any]]:
+    # Read here, not with pandas: every cell stays text ("4", "NA" and "True" are answers, not a number, a missing
+    # value and a boolean), and each row is named by the line it starts on, even after cells that span lines.
+    text = _decode(p)
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # one cell may hold a long conversation
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header: list[str] | None = None
+    rows = []
+    while True:
+        start = reader.line_num + 1
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise DataError(f"{p}:{start}: not valid CSV: {exc}") from None
+        if not any(cell.strip() for cell in record):
+            continue  # a blank line
+        if header is None:
+            header = record
+            continue
+        if len(record) > len(header):
+            raise DataError(f"{p}:{start}: {len(record)} cells, but the header has {len(header)} columns")
+        row: dict[str, Any] = dict(zip(header, record))  # an empty cell is "", as in the same row in JSON
+        for key in ("messages", "conversations"):  # CSV cells hold message lists as JSON text
+            if row.get(key) == "":
+                del row[key]  # this row uses another format's columns
+            elif key in row:
+                try:
+                    row[key] = json.loads(row[key])
+                except (ValueError, RecursionError):
+                    pass  # reported by normalise_row as a wrong type
+        rows.append((f"{p}:{start}", row))
+    return rows
 
 
 def _read_with_datasets(p: Path, builder: str) -> list[tuple[str, Any]]:
@@ -108,19 +160,7 @@ def _read_with_datasets(p: Path, builder: str) -> list[tuple[str, Any]]:
         ds = datasets.load_dataset(builder, data_files=str(p), split="train")
     except Exception as exc:  # pyarrow/pandas raise many types for a corrupt file
         raise DataError(f"{p}: cannot read as {builder}: {' '.join(str(exc).split())[:300]}") from None
-    offset = 2 if builder == "csv" else 1  # a CSV's first line is its header
-    label = "line" if builder == "csv" else "row"
-    rows = []
-    for i, row in enumerate(ds):
-        for key in ("messages", "conversations"):  # CSV cells hold message lists as JSON text
-            if isinstance(row.get(key), str):
-                try:
-                    row[key] = json.loads(row[key])
-                except json.JSONDecodeError:
-                    pass  # reported by normalise_row as a wrong type
-        where = f"{p}:{i + offset}" if label == "line" else f"{p}:row {i + offset}"
-        rows.append((where, {k: v for k, v in row.items() if v is not None}))
-    return rows
+    return [(f"{p}:row {i}", {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(ds, start=1)]
 
 
 def normalise_row(row: Any, where: str) -> list[dict[str, str]]:
@@ -136,7 +176,8 @@ def normalise_row(row: Any, where: str) -> list[dict[str, str]]:
     elif "prompt" in row and "completion" in row:
         messages = _from_prompt_completion(row, where)
     else:
-        keys = ", ".join(sorted(map(str, row))) or "none"
+        names = sorted(json.dumps(str(k), ensure_ascii=False)[1:-1] for k in row)  # a key may hold a newline
+        keys = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "") or "none"
         raise DataError(f"{where}: no usable fields (found: {keys}); expected 'messages', 'conversations', "
                         "'instruction'+'output' or 'prompt'+'completion'")
     if not any(m["role"] == "assistant" for m in messages):
@@ -173,8 +214,9 @@ def _from_messages(messages: Any, where: str, field: str) -> list[dict[str, str]
 
 def _content(content: Any, where: str, name: str) -> str:
     # OpenAI's list-of-parts content: keep the text parts; anything else is not text we can train on.
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        content = "".join(str(p.get("text", "")) for p in content)
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
         raise DataError(f"{where}: {name}.content must be a string, got {_type_name(content)}")
     return content
@@ -186,6 +228,11 @@ def _check_turns(messages: list[dict[str, str]], where: str) -> list[dict[str, s
             raise DataError(f"{where}: message {i} is a system message; only the first message may be one")
         if m["role"] == "assistant" and not m["content"].strip():
             raise DataError(f"{where}: message {i} (assistant) has empty content")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON can escape half a surrogate pair, which no tokenizer accepts
+            raise DataError(f"{where}: message {i} ({m['role']}) has an unpaired surrogate "
+                            f"\\u{ord(m['content'][exc.start]):04x}, which is not valid Unicode text") from None
     return messages
 
 

@@ -1,0 +1,128 @@
+"""The typed config: flags, YAML, precedence, validation (all at once, naming the flag), --help, configs/."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from lora_cli import config
+from lora_cli.errors import UsageError
+
+from .conftest import ROOT, run_cli
+
+# Every flag of the single-file train_lora.py this tool replaces (shared/ORIGIN.md), with a value.
+ORIGIN_FLAGS = {"base_model": "Qwen/Qwen2.5-7B-Instruct", "eval_path": "", "max_seq_length": "1024",
+                "learning_rate": "2e-4", "num_train_epochs": "2", "batch_size": "2", "gradient_accumulation_steps": "8",
+                "save_steps": "50", "logging_steps": "5", "seed": "7", "lora_r": "8", "lora_alpha": "16",
+                "lora_dropout": "0.1"}
+
+
+@pytest.fixture()
+def data_file(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n')
+    return path
+
+
+def base_args(data_file, tmp_path):
+    return ["--train_path", str(data_file), "--output_dir", str(tmp_path / "out")]
+
+
+def test_origin_script_flags_still_work(data_file, tmp_path):
+    argv = base_args(data_file, tmp_path)
+    for key, value in ORIGIN_FLAGS.items():
+        argv += [f"--{key}", value]
+    cfg = config.parse_args(argv)
+    assert (cfg.max_seq_length, cfg.learning_rate, cfg.num_train_epochs, cfg.batch_size) == (1024, 2e-4, 2.0, 2)
+    assert (cfg.gradient_accumulation_steps, cfg.save_steps, cfg.logging_steps, cfg.seed) == (8, 50, 5, 7)
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (8, 16, 0.1)
+
+
+def test_defaults_match_the_origin_script(data_file, tmp_path):
+    cfg = config.parse_args(base_args(data_file, tmp_path))
+    assert (cfg.max_seq_length, cfg.learning_rate, cfg.num_train_epochs, cfg.batch_size) == (2048, 1e-4, 3.0, 1)
+    assert (cfg.gradient_accumulation_steps, cfg.save_steps, cfg.logging_steps, cfg.seed) == (4, 100, 10, 42)
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (16, 32, 0.05)
+    assert cfg.optim == "paged_adamw_32bit" and cfg.lr_scheduler_type == "cosine" and cfg.warmup_ratio == 0.03
+    assert cfg.trust_remote_code is False and cfg.train_on_inputs is False
+
+
+def test_yaml_sets_values_and_flags_win(data_file, tmp_path):
+    yml = tmp_path / "c.yaml"
+    yml.write_text(yaml.safe_dump({"lora_r": 4, "learning_rate": 3e-4, "packing": True, "train_path": str(data_file),
+                                   "output_dir": str(tmp_path / "o"), "target_modules": ["q_proj", "v_proj"]}))
+    cfg = config.parse_args(["--config", str(yml), "--lora_r", "32", "--no-packing"])
+    assert cfg.lora_r == 32 and cfg.packing is False  # flags override the file
+    assert cfg.learning_rate == 3e-4 and cfg.target_modules == "q_proj,v_proj"  # the file overrides defaults
+    assert cfg.lora_alpha == 32  # untouched default
+
+
+def test_unknown_yaml_key_and_flag_fail_naming_them(data_file, tmp_path):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("lora_rank: 8\nlearning_rate: fast\n")
+    with pytest.raises(UsageError) as exc:
+        config.parse_args(["--config", str(yml), "--lr", "1"] + base_args(data_file, tmp_path))
+    text = str(exc.value)
+    assert "unknown key 'lora_rank'" in text and "did you mean lora_r" in text
+    assert "learning_rate: expected a number, got 'fast'" in text
+    assert "unknown flag --lr" in text
+
+
+def test_all_problems_reported_at_once_naming_flags(tmp_path):
+    with pytest.raises(UsageError) as exc:
+        config.parse_args(["--lora_r", "0", "--precision", "fp8", "--load_in_4bit", "--load_in_8bit",
+                           "--val_split", "1.5", "--train_path", str(tmp_path / "missing.jsonl"), "--batch_size", "x"])
+    lines = str(exc.value).splitlines()
+    expected = ["--output_dir is required", "--train_path: file not found", "--lora_r: must be > 0",
+                "--precision: 'fp8' is not one of", "--load_in_4bit and --load_in_8bit", "--val_split: must be in",
+                "--batch_size: expected an integer"]
+    for phrase in expected:
+        assert any(phrase in line for line in lines), phrase
+    assert lines[0].startswith(f"{len(lines) - 1} problems")
+
+
+def test_cli_usage_error_exits_2_with_one_line_per_problem(capsys, tmp_path):
+    assert run_cli(["--train_path", str(tmp_path / "nope.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-train: error:") and "Traceback" not in err
+    assert "--output_dir is required" in err and "--train_path: file not found" in err
+
+
+def test_help_documents_every_flag_quickly():
+    # A subprocess, as a user runs it: --help must not import torch (instant) and must list every config field.
+    code = ("import sys, lora_cli.cli.train as t\n"
+            "try:\n    t.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('TORCH_LOADED' if 'torch' in sys.modules else 'NO_TORCH')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "NO_TORCH" in out
+    for f in dataclasses.fields(config.TrainConfig):
+        assert f"--{f.name}" in out, f.name
+
+
+def test_saved_run_config_is_a_valid_config(data_file, tmp_path):
+    cfg = config.parse_args(base_args(data_file, tmp_path) + ["--lora_r", "8", "--use_rslora"])
+    saved = tmp_path / "run_config.yaml"
+    config.save(cfg, saved)
+    again = config.parse_args(["--config", str(saved)])
+    assert config.to_dict(again) == config.to_dict(cfg)
+    assert "config" not in yaml.safe_load(saved.read_text())
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path, monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)  # configs name repo-relative data paths
+    data = yaml.safe_load(path.read_text())
+    command = next(line for line in path.read_text().splitlines() if "lora-train --config" in line)
+    assert f"configs/{path.name}" in command  # each file is headed by the exact command that runs it
+    argv = ["--config", str(path)]
+    if not data.get("train_path"):
+        argv += ["--train_path", str(ROOT / "data/sample/train.jsonl")]
+    if not data.get("output_dir"):
+        argv += ["--output_dir", str(tmp_path / "out")]
+    cfg = config.parse_args(argv)
+    for key, value in data.items():
+        assert config.to_dict(cfg)[key] == value

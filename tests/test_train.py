@@ -1,0 +1,219 @@
+"""lora-train on tiny random models: what changes, what is saved, and that it reloads to the same model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from lora_cli import config, models
+from lora_cli.chat import IGNORE_INDEX, encode
+from lora_cli.train import attach_lora, build_trainer, prepare
+
+from .conftest import CHAT, INST_TEMPLATE, TINY_TRAIN, ROOT, run_cli, write_jsonl
+
+
+def build(base: str, data, out, *extra: str):
+    cfg = config.parse_args(["--base_model", str(base), "--train_path", str(data), "--output_dir", str(out),
+                             *TINY_TRAIN, *extra])
+    prepared = prepare(cfg)
+    model = models.load_model(prepared.base, precision="fp32", load_in_4bit=cfg.load_in_4bit)
+    model = attach_lora(model, cfg)
+    return cfg, prepared, build_trainer(cfg, model, prepared, "fp32")
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    # Raw bytes: 4-bit weights are packed into float storage, where some bit patterns read as NaN (NaN != NaN).
+    return {name: p.detach().clone().contiguous().view(torch.uint8) for name, p in model.named_parameters()}
+
+
+def logits(model, ids) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_training_changes_lora_weights_only(tiny_llama, chat_file, tmp_path):
+    _, _, trainer = build(tiny_llama, chat_file, tmp_path / "out")
+    before = snapshot(trainer.model)
+    trainer.train()
+    after = snapshot(trainer.model)
+    lora = [n for n in before if "lora_" in n]
+    assert lora and all(not torch.equal(before[n], after[n]) for n in lora)
+    base = [n for n in before if "lora_" not in n]
+    assert base and all(torch.equal(before[n], after[n]) for n in base)
+    assert all(not p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" not in n)
+
+
+def test_saved_adapter_reloads_with_same_logits(tiny_llama, chat_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, prepared, trainer = build(tiny_llama, chat_file, tmp_path / "out")
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    ids = torch.tensor([prepared.train["input_ids"][0]])
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path / "adapter")
+    expected = logits(trainer.model, ids)
+    torch.testing.assert_close(logits(reloaded, ids), expected, rtol=1e-5, atol=1e-5)
+    # ... and the adapter matters: the bare base model gives other logits.
+    assert not torch.allclose(logits(AutoModelForCausalLM.from_pretrained(tiny_llama), ids), expected, atol=1e-3)
+
+
+def test_qlora_4bit_trains_on_cpu(tiny_llama, chat_file, tmp_path):
+    _, _, trainer = build(tiny_llama, chat_file, tmp_path / "out", "--load_in_4bit")
+    assert any(type(m).__name__ == "Linear4bit" for m in trainer.model.modules())
+    before = snapshot(trainer.model)
+    trainer.train()
+    after = snapshot(trainer.model)
+    assert all(not torch.equal(before[n], after[n]) for n in before if "lora_" in n)
+    assert all(torch.equal(before[n], after[n]) for n in before if "lora_" not in n)
+    assert trainer.state.log_history[0]["loss"] > 0
+
+
+def test_packed_rows_do_not_attend_to_each_other(tiny_llama, tokenizer):
+    # The padding-free batch --packing produces: logits of each row equal those of the row alone. transformers only
+    # separates packed rows when no KV cache is in use; TRL's compute_loss passes use_cache=False, as done here.
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").eval()
+    rows = [encode(tokenizer, CHAT), encode(tokenizer, CHAT[1:3])]
+    batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(
+        [{"input_ids": r.input_ids, "labels": r.labels} for r in rows])
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        n = len(rows[0].input_ids)
+        for part, row in ((packed[:n], rows[0]), (packed[n:], rows[1])):
+            alone = model(input_ids=torch.tensor([row.input_ids]), use_cache=False).logits[0]
+            torch.testing.assert_close(part, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_and_padded_batches_give_the_same_loss(tiny_llama, chat_file, tmp_path):
+    _, prepared, plain = build(tiny_llama, chat_file, tmp_path / "a")
+    _, _, packed = build(tiny_llama, chat_file, tmp_path / "b", "--packing")
+    assert packed.data_collator.padding_free and not plain.data_collator.padding_free
+    examples = [{"input_ids": prepared.train["input_ids"][i], "labels": prepared.train["labels"][i]} for i in (0, 3)]
+    losses = []
+    for trainer in (plain, packed):
+        trainer.model.eval()
+        with torch.no_grad():
+            losses.append(trainer.compute_loss(trainer.model, trainer.data_collator(examples)))
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+
+
+def test_cli_run_writes_a_complete_output_dir(tiny_qwen, llama3_tokenizer, chat_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = run_cli(["--base_model", str(tiny_qwen), "--train_path", str(chat_file), "--val_split", "0.25",
+                    "--output_dir", str(out), *TINY_TRAIN])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "run_config.yaml", "train_metrics.json"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["optimizer_steps"] == 3 and metrics["trained_tokens"] > 0
+    assert metrics["data"]["kept"] == 12 and metrics["eval_data"]["kept"] == 4  # 16 rows, 25% held out
+    assert metrics["eval_loss"] is not None and metrics["eval_loss_before"] is not None
+    assert "done: 3 steps" in err and "trained tokens" in err
+    saved = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert saved["val_split"] == 0.25 and saved["base_model"] == str(tiny_qwen)
+    # The saved tokenizer carries the exact template trained with, so eval/merge/serving render the same way.
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out).chat_template == llama3_tokenizer.chat_template
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    suffixes = {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]}
+    assert adapter["r"] == 4 and suffixes >= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"}
+    assert "lm_head" not in suffixes
+
+
+def test_cli_saves_overridden_template_and_trains_on_it(tiny_llama, chat_file, tmp_path, capsys):
+    jinja = tmp_path / "inst.jinja"
+    jinja.write_text(INST_TEMPLATE)
+    out = tmp_path / "run"
+    assert run_cli(["--base_model", str(tiny_llama), "--train_path", str(chat_file), "--output_dir", str(out),
+                    "--chat_template", str(jinja), *TINY_TRAIN]) == 0
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out).chat_template == INST_TEMPLATE
+
+
+def test_cli_refuses_non_empty_output_dir_unless_overwrite(tiny_llama, chat_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    argv = ["--base_model", str(tiny_llama), "--train_path", str(chat_file), "--output_dir", str(out), *TINY_TRAIN]
+    assert run_cli(argv) == 2
+    assert "--output_dir" in capsys.readouterr().err and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert run_cli(argv + ["--overwrite"]) == 0
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_long_rows_are_counted_never_silently_cut(tiny_llama, tmp_path, capsys):
+    rows = [{"messages": CHAT}, {"prompt": "short", "completion": "ok"},
+            {"prompt": "long " * 300, "completion": "done"}]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "run"
+    assert run_cli(["--base_model", str(tiny_llama), "--train_path", str(data), "--output_dir", str(out),
+                    "--max_seq_length", "128", *TINY_TRAIN]) == 0
+    err = capsys.readouterr().err
+    assert "1 of 3 rows are longer than --max_seq_length 128" in err and "dropped 1" in err
+    stats = json.loads((out / "train_metrics.json").read_text())["data"]
+    assert (stats["kept"], stats["dropped_too_long"], stats["truncated"]) == (2, 1, 0)
+    # truncate keeps the long row's start; here that is only the prompt, so nothing is left to train on.
+    assert run_cli(["--base_model", str(tiny_llama), "--train_path", str(data), "--output_dir", str(out),
+                    "--max_seq_length", "128", "--truncation", "truncate", "--overwrite", *TINY_TRAIN]) == 0
+    assert "truncated 0, dropped 1 with nothing left to train" in capsys.readouterr().err
+
+
+def test_all_rows_unusable_is_an_error(tiny_llama, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "long " * 300, "completion": "done"}])
+    out = tmp_path / "run"
+    assert run_cli(["--base_model", str(tiny_llama), "--train_path", str(data), "--output_dir", str(out),
+                    "--max_seq_length", "64", *TINY_TRAIN]) == 2
+    assert "none of the 1 rows can be trained on" in capsys.readouterr().err and not out.exists()
+
+
+def test_unknown_target_module_names_the_real_ones(tiny_llama, chat_file, tmp_path, capsys):
+    assert run_cli(["--base_model", str(tiny_llama), "--train_path", str(chat_file), "--output_dir",
+                    str(tmp_path / "o"), "--target_modules", "query,value", *TINY_TRAIN]) == 2
+    err = capsys.readouterr().err
+    assert "--target_modules query,value: not found" in err and "q_proj" in err
+
+
+def test_missing_base_model_is_a_usage_error(chat_file, tmp_path, capsys):
+    assert run_cli(["--base_model", str(tmp_path / "nowhere"), "--train_path", str(chat_file), "--output_dir",
+                    str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_model_learns_the_sample_task(tmp_path, capsys):
+    # End to end on the embedded demo model (real weights): the held-out eval loss must fall.
+    out = tmp_path / "demo"
+    code = run_cli(["--config", str(ROOT / "configs/demo.yaml"), "--train_path", str(ROOT / "data/sample/train.jsonl"),
+                    "--eval_path", str(ROOT / "data/sample/eval.jsonl"), "--output_dir", str(out),
+                    "--max_steps", "6", "--eval_steps", "100", "--save_steps", "100"])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["eval_loss"] < metrics["eval_loss_before"] - 0.1
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(metrics["base_model_path"]), out)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_labels_in_trainer_batches_are_the_masked_ones(tiny_llama, chat_file, tmp_path, tokenizer):
+    # What TRL feeds the model is exactly our masks (no re-masking, no truncation surprises).
+    _, prepared, trainer = build(tiny_llama, chat_file, tmp_path / "out")
+    batch = next(iter(trainer.get_train_dataloader()))
+    rows = {tuple(ids): labels for ids, labels in zip(prepared.train["input_ids"], prepared.train["labels"])}
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        n = next(len(k) for k in rows if list(k) == ids[: len(k)] and all(
+            lab == IGNORE_INDEX for lab in labels[len(k):]))
+        key = next(k for k in rows if len(k) == n and list(k) == ids[:n])
+        assert labels[:n] == rows[key]
