@@ -20,13 +20,23 @@ from .errors import UsageError
 CLI_ONLY = ("config", "debug")
 
 
-def opt(default: Any, help: str, *, group: str, choices: tuple[str, ...] | None = None, metavar: str | None = None):
-    """A config field: its default, its --help text, its help group and (for strings) the allowed values."""
-    return field(default=default, metadata={"help": help, "group": group, "choices": choices, "metavar": metavar})
+def opt(default: Any, help: str, *, group: str, choices: tuple[str, ...] | None = None, metavar: str | None = None,
+        positional: bool = False):
+    """A config field: its default, its --help text, its help group, the allowed values (for strings), and whether
+    it is given by position (lora-merge ADAPTER_DIR OUT_DIR) rather than as --name."""
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices, "metavar": metavar,
+                                            "positional": positional})
 
 
 @dataclass
 class TrainConfig:
+    PROG = "lora-train"
+    DESCRIPTION = ("Fine-tune a causal language model with LoRA or QLoRA on a chat dataset. Loss is computed on "
+                   "assistant turns only (end-of-turn token included) unless --train_on_inputs.")
+    EPILOG = "Every flag is also a YAML key for --config. Example: lora-train --config configs/demo.yaml"
+    GROUPS = {"run": "run", "model": "base model", "data": "data and chat template", "lora": "LoRA",
+              "training": "training", "logging": "logging and checkpoints"}
+
     # --- run ---------------------------------------------------------------------------------------------------------
     config: str = opt("", "YAML file whose keys are these flag names; flags given on the command line win.",
                       group="run", metavar="FILE")
@@ -111,39 +121,33 @@ class TrainConfig:
     save_total_limit: int = opt(2, "Keep at most this many checkpoints (0: keep all).", group="logging")
     report_to: str = opt("none", "Experiment tracker.", group="logging", choices=("none", "tensorboard", "wandb"))
 
-
-GROUP_TITLES = {
-    "run": "run",
-    "model": "base model",
-    "data": "data and chat template",
-    "lora": "LoRA",
-    "training": "training",
-    "logging": "logging and checkpoints",
-}
+    def problems(self) -> list[str]:
+        return _train_problems(self)
 
 
-def fields() -> list[dataclasses.Field]:
-    return list(dataclasses.fields(TrainConfig))
+def fields(cls: type = None) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(cls or TrainConfig))
 
 
-def _types() -> dict[str, type]:
-    return typing.get_type_hints(TrainConfig)
+def _types(cls: type) -> dict[str, type]:
+    return {k: v for k, v in typing.get_type_hints(cls).items() if k in {f.name for f in dataclasses.fields(cls)}}
 
 
-def build_parser(prog: str = "lora-train") -> argparse.ArgumentParser:
+def build_parser(cls: type = None) -> argparse.ArgumentParser:
+    cls = cls or TrainConfig
     parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Fine-tune a causal language model with LoRA or QLoRA on a chat dataset. Loss is computed on "
-                    "assistant turns only (end-of-turn token included) unless --train_on_inputs.",
-        epilog="Every flag is also a YAML key for --config. Example: lora-train --config configs/demo.yaml",
+        prog=cls.PROG, description=cls.DESCRIPTION, epilog=getattr(cls, "EPILOG", None),
         argument_default=argparse.SUPPRESS,  # only flags the user typed appear in the namespace
         allow_abbrev=False,
     )
-    groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
-    types = _types()
-    for f in fields():
+    groups = {key: parser.add_argument_group(title) for key, title in cls.GROUPS.items()}
+    types = _types(cls)
+    for f in fields(cls):
         meta, kind = f.metadata, types[f.name]
         group = groups[meta["group"]]
+        if meta.get("positional"):  # optional for argparse: a missing one is reported with every other problem
+            group.add_argument(f.name, nargs="?", metavar=meta["metavar"] or f.name.upper(), help=meta["help"])
+            continue
         help_text = meta["help"] + (f" (default: {f.default!r})" if not isinstance(f.default, bool) else "")
         if kind is bool:
             group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
@@ -213,13 +217,14 @@ def _read_yaml(path: str, errors: list[str]) -> dict[str, Any]:
     return data
 
 
-def parse_args(argv: list[str] | None = None, prog: str = "lora-train") -> TrainConfig:
+def parse_args(argv: list[str] | None = None, cls: type = None) -> Any:
     """Parse flags (and the YAML they name), validate everything, and raise one UsageError listing every problem."""
-    parser = build_parser(prog)
+    cls = cls or TrainConfig
+    parser = build_parser(cls)
     ns, unknown = parser.parse_known_args(argv)
     given = vars(ns)
     errors: list[str] = []
-    known_flags = [f"--{f.name}" for f in fields()]
+    known_flags = [f"--{f.name}" for f in fields(cls) if not f.metadata.get("positional")]
     after_flag = False
     for token in unknown:
         if token.startswith("-"):
@@ -231,7 +236,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "lora-train") -> Train
         else:
             after_flag = False
 
-    types = _types()
+    types = _types(cls)
     values: dict[str, Any] = {}
     config_path = given.get("config", "")
     if config_path:
@@ -251,7 +256,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "lora-train") -> Train
         else:
             values[key] = coerced
 
-    cfg = TrainConfig(**values)
+    cfg = cls(**values)
     errors.extend(validate(cfg))
     if errors:
         raise UsageError("\n".join(errors) if len(errors) == 1 else
@@ -259,14 +264,19 @@ def parse_args(argv: list[str] | None = None, prog: str = "lora-train") -> Train
     return cfg
 
 
-def validate(cfg: TrainConfig) -> list[str]:
+def validate(cfg: Any) -> list[str]:
     """Every problem with a config, each naming the flag as the user types it."""
     errors: list[str] = []
-    for f in fields():
+    for f in fields(type(cfg)):
         choices = f.metadata["choices"]
         value = getattr(cfg, f.name)
         if choices and value not in choices:
             errors.append(f"--{f.name}: {value!r} is not one of {', '.join(choices)}")
+    return errors + cfg.problems()
+
+
+def _train_problems(cfg: TrainConfig) -> list[str]:
+    errors: list[str] = []
 
     if not cfg.output_dir:
         errors.append("--output_dir is required (where the adapter is written)")
@@ -314,7 +324,7 @@ def split_list(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
-def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+def to_dict(cfg: Any) -> dict[str, Any]:
     """The run config as saved next to the adapter; it is itself a valid --config file."""
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in CLI_ONLY}
 

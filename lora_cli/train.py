@@ -190,7 +190,11 @@ def run_training(cfg: TrainConfig, trainer: Any, prepared: Prepared, out: Path) 
     seconds = time.perf_counter() - start
     metrics.update(result.metrics)
     if trainer.eval_dataset is not None:
-        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+        if evals and evals[-1].get("step") == trainer.state.global_step:  # the trainer just evaluated
+            metrics["eval_loss"] = evals[-1]["eval_loss"]
+        else:
+            metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     metrics.update(
         train_loss_last=losses[-1] if losses else metrics.get("train_loss"),

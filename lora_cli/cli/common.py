@@ -26,6 +26,19 @@ def setup_logging(prog: str, debug: bool) -> None:
         warnings.filterwarnings("ignore", category=UserWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def quiet_libraries() -> None:
+    """Silence per-file loading/writing bars of transformers and datasets; the training bar stays."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 class _Formatter(logging.Formatter):

@@ -13,6 +13,11 @@ def _body(argv: list[str]) -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation on long runs
     from ..train import train  # heavy imports only after the arguments are known to be good
 
+    if not cfg.debug:
+        from .common import quiet_libraries
+
+        quiet_libraries()
+
     train(cfg)
 
 
