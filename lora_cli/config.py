@@ -16,16 +16,19 @@ from typing import Any
 
 from .errors import UsageError
 
-# Keys that steer the command itself and are never written to the saved run config.
-CLI_ONLY = ("config", "debug")
+# Keys that steer the command itself: flags only, never YAML keys or part of the saved run config.
+CLI_ONLY = ("config", "debug", "resume", "resume_from_checkpoint", "resume_force")
 
 
 def opt(default: Any, help: str, *, group: str, choices: tuple[str, ...] | None = None, metavar: str | None = None,
-        positional: bool = False):
-    """A config field: its default, its --help text, its help group, the allowed values (for strings), and whether
-    it is given by position (lora-merge ADAPTER_DIR OUT_DIR) rather than as --name."""
+        positional: bool = False, repeatable: bool = False):
+    """A config field: its default, its --help text, its help group, the allowed values (for strings), whether
+    it is given by position (lora-merge ADAPTER_DIR OUT_DIR) rather than as --name, and whether a string flag may be
+    given several times (the values are joined with commas, as a comma-separated list would be).
+
+    A bool field whose default is None is three-state: --name, --no-name, or not given (None: decided later)."""
     return field(default=default, metadata={"help": help, "group": group, "choices": choices, "metavar": metavar,
-                                            "positional": positional})
+                                            "positional": positional, "repeatable": repeatable})
 
 
 @dataclass
@@ -45,6 +48,12 @@ class TrainConfig:
     overwrite: bool = opt(False, "Allow writing into a non-empty --output_dir (its old checkpoints are removed).",
                           group="run")
     debug: bool = opt(False, "Show full tracebacks and library warnings.", group="run")
+    resume: bool = opt(False, "Continue the run in --output_dir from its newest complete checkpoint (weights, "
+                              "optimizer, scheduler, RNG and data position).", group="run")
+    resume_from_checkpoint: str = opt("", "Continue from this checkpoint folder instead of the newest one.",
+                                      group="run", metavar="DIR")
+    resume_force: bool = opt(False, "Resume even though the run config or the data changed since the checkpoint.",
+                             group="run")
 
     # --- model -------------------------------------------------------------------------------------------------------
     base_model: str = opt("", "Base model: a Hub id, a local Hugging Face folder or a .gguf file. Empty: the "
@@ -130,7 +139,14 @@ def fields(cls: type = None) -> list[dataclasses.Field]:
 
 
 def _types(cls: type) -> dict[str, type]:
-    return {k: v for k, v in typing.get_type_hints(cls).items() if k in {f.name for f in dataclasses.fields(cls)}}
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: _unwrap_optional(v) for k, v in typing.get_type_hints(cls).items() if k in names}
+
+
+def _unwrap_optional(kind: Any) -> Any:
+    """`bool | None` -> bool: None only marks a value the user did not give."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return args[0] if len(args) == 1 and type(None) in typing.get_args(kind) else kind
 
 
 def build_parser(cls: type = None) -> argparse.ArgumentParser:
@@ -150,14 +166,15 @@ def build_parser(cls: type = None) -> argparse.ArgumentParser:
             continue
         help_text = meta["help"] + (f" (default: {f.default!r})" if not isinstance(f.default, bool) else "")
         if kind is bool:
-            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
-                               help=meta["help"] + f" (default: {'on' if f.default else 'off'})")
+            default = "" if f.default is None else f" (default: {'on' if f.default else 'off'})"
+            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=meta["help"] + default)
         else:
             metavar = meta["metavar"] or ("{" + ",".join(meta["choices"]) + "}" if meta["choices"] else
                                           kind.__name__.upper())
             # Values stay strings here: _coerce checks types and validate() checks choices, so that every
             # problem is reported at once instead of argparse stopping at the first.
-            group.add_argument(f"--{f.name}", type=str, metavar=metavar, help=help_text)
+            group.add_argument(f"--{f.name}", type=str, metavar=metavar, help=help_text,
+                               action="append" if meta.get("repeatable") else "store")
     return parser
 
 
@@ -250,6 +267,8 @@ def parse_args(argv: list[str] | None = None, cls: type = None) -> Any:
             else:
                 values[key] = coerced
     for key, value in given.items():
+        if isinstance(value, list):  # a repeatable flag given several times
+            value = ",".join(value)
         coerced, err = _coerce(key, value, types[key], f"--{key}")
         if err:
             errors.append(err)
@@ -280,6 +299,10 @@ def _train_problems(cfg: TrainConfig) -> list[str]:
 
     if not cfg.output_dir:
         errors.append("--output_dir is required (where the adapter is written)")
+    if (cfg.resume or cfg.resume_from_checkpoint) and cfg.overwrite:
+        errors.append("--resume and --overwrite both set: resuming keeps the output dir, overwriting clears it")
+    if cfg.resume_from_checkpoint and not os.path.isdir(cfg.resume_from_checkpoint):
+        errors.append(f"--resume_from_checkpoint: folder not found: {cfg.resume_from_checkpoint}")
     if not cfg.train_path:
         errors.append("--train_path is required (a .jsonl/.json/.parquet/.csv chat dataset)")
     for flag in ("train_path", "eval_path"):

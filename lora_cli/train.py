@@ -8,15 +8,16 @@ import math
 import os
 import resource
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import chat, config, data, models
+from . import chat, checkpoints, config, data, models
 from .config import TrainConfig, split_list
 from .encode import EncodeStats, encode_rows
-from .errors import DataError, UsageError
+from .errors import UsageError
 
 log = logging.getLogger("lora_cli")
 
@@ -38,17 +39,64 @@ class Prepared:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
-    check_output_dir(out, cfg.overwrite)
-    prepared = prepare(cfg)
+    resuming = cfg.resume or bool(cfg.resume_from_checkpoint)
+    check_output_dir(out, cfg.overwrite or resuming)
     precision = models.choose_precision(cfg.precision)
+    check_quantization_available(cfg)
+    prepared = prepare(cfg)
+    data_hashes = checkpoints.fingerprint(train_path=cfg.train_path, eval_path=cfg.eval_path)
+    resume_from = find_resume_checkpoint(cfg, out, data_hashes) if resuming else None
     log.info("loading %s (%s%s)", prepared.base.display, precision,
              ", 4-bit NF4" if cfg.load_in_4bit else ", 8-bit" if cfg.load_in_8bit else "")
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # the trainer seeds only later: without this the adapter's initial weights vary per run
     model = models.load_model(prepared.base, precision=precision, load_in_4bit=cfg.load_in_4bit,
                               load_in_8bit=cfg.load_in_8bit, trust_remote_code=cfg.trust_remote_code,
                               attn_implementation=cfg.attn_implementation)
     model = attach_lora(model, cfg)
+    check_disk_space(out, model, cfg.save_total_limit)
     trainer = build_trainer(cfg, model, prepared, precision)
-    return run_training(cfg, trainer, prepared, out)
+    return run_training(cfg, trainer, prepared, out, resume_from, data_hashes)
+
+
+def check_quantization_available(cfg: TrainConfig) -> None:
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            flag = "--load_in_4bit" if cfg.load_in_4bit else "--load_in_8bit"
+            raise UsageError(f"{flag} needs bitsandbytes: pip install bitsandbytes") from None
+
+
+def find_resume_checkpoint(cfg: TrainConfig, out: Path, data_hashes: dict[str, str]) -> str:
+    """The checkpoint to resume from, after checking that config and data are those of the interrupted run."""
+    checkpoints.check_resume(out, config.to_dict(cfg), data_hashes, cfg.resume_force)
+    checkpoints.remove_incomplete(out)
+    if cfg.resume_from_checkpoint:
+        chosen = Path(cfg.resume_from_checkpoint)
+        if not (chosen / checkpoints.COMPLETE).is_file():
+            raise UsageError(f"--resume_from_checkpoint {chosen}: not a complete lora-train checkpoint")
+    else:
+        found = checkpoints.complete_checkpoints(out)
+        if not found:
+            raise UsageError(f"--resume: no complete checkpoint in {out} (checkpoints are written every "
+                             "--save_steps); start again without --resume")
+        chosen = found[-1]
+    log.info("resuming from %s", chosen)
+    return str(chosen)
+
+
+def check_disk_space(out: Path, model: Any, keep: int) -> None:
+    """Checkpoints hold the adapter and its two Adam moments in fp32: refuse to start a run that cannot save them."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    per_checkpoint = trainable * 4 * 3 + (64 << 20)  # + tokenizer, RNG and trainer state
+    need = per_checkpoint * ((keep or 1) + 1)  # pruning happens after the next checkpoint is complete
+    free = shutil.disk_usage(out if out.exists() else _existing_parent(out)).free
+    if free < need:
+        raise UsageError(f"--output_dir {out}: about {need / 2**30:.1f} GiB is needed for checkpoints but only "
+                         f"{free / 2**30:.1f} GiB is free; free space, choose another disk or lower "
+                         "--save_total_limit")
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -121,13 +169,36 @@ def _trainer_class():
     from trl import SFTTrainer
 
     class LoraSFTTrainer(SFTTrainer):
-        """SFTTrainer that also counts the tokens that carry a loss (TRL counts every input token)."""
+        """SFTTrainer that counts the tokens that carry a loss (TRL counts every input token) and saves checkpoints
+        atomically (transformers writes them in place and prunes old ones before the new one is whole)."""
 
-        trained_tokens = 0
+        trained_tokens = 0  # in this process
+        trained_tokens_resumed = 0  # before the checkpoint this run resumed from
+        keep_checkpoints = 0
+        _staging: Path | None = None
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             self.trained_tokens += int((inputs["labels"] != chat.IGNORE_INDEX).sum())
             return super().training_step(model, inputs, num_items_in_batch)
+
+        def _save_checkpoint(self, model, trial):
+            out = Path(self.args.output_dir)
+            self._staging = out / checkpoints.STAGING
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging = None
+            if self.args.should_save:
+                step = self.state.global_step
+                checkpoints.finish_checkpoint(out / checkpoints.STAGING / f"checkpoint-{step}", out, step,
+                                              self.keep_checkpoints, self.trained_tokens_total)
+
+        @property
+        def trained_tokens_total(self) -> int:
+            return self.trained_tokens_resumed + self.trained_tokens
+
+        def _get_output_dir(self, trial):
+            return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
 
     return LoraSFTTrainer
 
@@ -157,7 +228,7 @@ def build_trainer(cfg: TrainConfig, model: Any, prepared: Prepared, precision: s
         activation_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=cfg.logging_steps,
         save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit or None,
+        save_total_limit=None,  # pruned by LoraSFTTrainer, only once the newest checkpoint is complete
         eval_strategy="steps" if has_eval else "no",
         eval_steps=cfg.eval_steps or cfg.save_steps,
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
@@ -169,25 +240,68 @@ def build_trainer(cfg: TrainConfig, model: Any, prepared: Prepared, precision: s
     )
     train_ds = Dataset.from_dict(prepared.train)
     eval_ds = Dataset.from_dict(prepared.eval) if has_eval else None
-    return _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                            processing_class=prepared.tokenizer)
+    trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                               processing_class=prepared.tokenizer)
+    trainer.keep_checkpoints = cfg.save_total_limit
+    _use_compact_progress(trainer)
+    return trainer
 
 
-def run_training(cfg: TrainConfig, trainer: Any, prepared: Prepared, out: Path) -> dict[str, Any]:
+LOGGED = ("loss", "eval_loss", "learning_rate", "grad_norm", "mean_token_accuracy", "eval_mean_token_accuracy")
+
+
+def _use_compact_progress(trainer: Any) -> None:
+    """Keep the progress bar, but print each log as one short line instead of the trainer's metric dicts."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class CompactProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            parts = [f"{key} {logs[key]:.4g}" for key in LOGGED if isinstance((logs or {}).get(key), (int, float))]
+            if state.is_world_process_zero and parts:
+                line = f"step {state.global_step}/{state.max_steps}: " + ", ".join(parts)
+                (self.training_bar.write if self.training_bar is not None else log.info)(line)
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(CompactProgress())
+
+
+def run_training(cfg: TrainConfig, trainer: Any, prepared: Prepared, out: Path, resume_from: str | None = None,
+                 data_hashes: dict[str, str] | None = None) -> dict[str, Any]:
     main_process = trainer.is_world_process_zero()
-    if main_process:
+    state = checkpoints.read_state(out) if resume_from else {}
+    if main_process and not resume_from:
         if cfg.overwrite and out.is_dir():
-            for old in out.glob("checkpoint-*"):
-                shutil.rmtree(old, ignore_errors=True)
+            checkpoints.clear_previous_run(out)
         out.mkdir(parents=True, exist_ok=True)
         config.save(cfg, out / RUN_CONFIG)
+        state = {"data": data_hashes or {}}
+        checkpoints.write_state(out, state)
     metrics: dict[str, Any] = {}
     if trainer.eval_dataset is not None:
-        metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+        if "eval_loss_before" not in state:
+            state["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+            if main_process:
+                checkpoints.write_state(out, state)
+        metrics["eval_loss_before"] = state["eval_loss_before"]
         log.info("eval loss before training: %.4f", metrics["eval_loss_before"])
+    if resume_from:
+        trainer.trained_tokens_resumed = checkpoints.checkpoint_info(resume_from).get("trained_tokens", 0)
+    stopper = checkpoints.stop_on_signal_callback()
+    trainer.add_callback(stopper)
+    stopper.install()
     start = time.perf_counter()
-    result = trainer.train()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        stopper.uninstall()
     seconds = time.perf_counter() - start
+    if stopper.signum is not None:
+        name = signal.Signals(stopper.signum).name
+        raise checkpoints.Interrupted(
+            f"stopped by {name} at step {trainer.state.global_step}; checkpoint saved in "
+            f"{out / f'checkpoint-{trainer.state.global_step}'}. Continue with the same command plus --resume",
+            stopper.signum)
     metrics.update(result.metrics)
     if trainer.eval_dataset is not None:
         evals = [e for e in trainer.state.log_history if "eval_loss" in e]
@@ -198,8 +312,9 @@ def run_training(cfg: TrainConfig, trainer: Any, prepared: Prepared, out: Path) 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     metrics.update(
         train_loss_last=losses[-1] if losses else metrics.get("train_loss"),
-        trained_tokens=trainer.trained_tokens,
-        trained_tokens_per_second=trainer.trained_tokens / seconds if seconds else 0.0,
+        trained_tokens=trainer.trained_tokens_total,
+        trained_tokens_per_second=trainer.trained_tokens / seconds if seconds else 0.0,  # this process's speed
+        resumed_from=resume_from,
         train_seconds=seconds,
         peak_memory_bytes=peak_memory_bytes(),
         optimizer_steps=trainer.state.global_step,
@@ -209,7 +324,7 @@ def run_training(cfg: TrainConfig, trainer: Any, prepared: Prepared, out: Path) 
         base_model_path=prepared.base.path,
     )
     if main_process:
-        trainer.save_model(str(out))  # adapter_model.safetensors, adapter_config.json and the tokenizer
+        checkpoints.save_final(trainer, out)  # adapter_model.safetensors, adapter_config.json and the tokenizer
         (out / METRICS).write_text(json.dumps(_finite(metrics), indent=2) + "\n", encoding="utf-8")
     log.info(summary_line(metrics, out))
     return metrics
@@ -242,4 +357,3 @@ def _finite(value: Any) -> Any:
     return value
 
 
-__all__ = ["train", "prepare", "attach_lora", "build_trainer", "check_output_dir", "DataError"]

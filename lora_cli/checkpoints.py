@@ -1,0 +1,181 @@
+"""What makes a long run survive: complete-only checkpoints, resume checks, atomic saves and clean signal stops."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+from .errors import LoraCliError, UsageError
+
+log = logging.getLogger("lora_cli")
+
+COMPLETE = "lora_cli_complete.json"  # written into a checkpoint once every file of it is on disk
+RUN_STATE = "run_state.json"  # data hashes and the eval loss before training, for resumes
+STAGING = ".checkpoint.partial"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# Settings that may change between a run and its resume without changing what is learned.
+RESUMABLE_CHANGES = {"output_dir", "overwrite", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+                     "report_to"}
+# Files a finished run leaves in the output dir (besides the tokenizer); cleared by --overwrite.
+FINAL_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_metrics.json", "README.md")
+
+
+class Interrupted(LoraCliError):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell convention: 130 for Ctrl-C, 143 for SIGTERM
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """Checkpoint folders whose save finished, oldest first."""
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out.iterdir()
+             if (m := _CHECKPOINT.match(p.name)) and p.is_dir() and (p / COMPLETE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_info(checkpoint: str | Path) -> dict[str, Any]:
+    return json.loads((Path(checkpoint) / COMPLETE).read_text(encoding="utf-8"))
+
+
+def remove_incomplete(out: Path) -> None:
+    """Delete checkpoints a killed process left half-written, and the staging area."""
+    shutil.rmtree(out / STAGING, ignore_errors=True)
+    for p in out.glob("checkpoint-*"):
+        if p.is_dir() and not (p / COMPLETE).is_file():
+            log.warning("removing incomplete checkpoint %s (its save did not finish)", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def finish_checkpoint(staged: Path, out: Path, step: int, keep: int, trained_tokens: int = 0) -> Path:
+    """Mark a staged checkpoint complete, move it into place, then prune the oldest beyond `keep` (0: keep all)."""
+    marker = {"step": step, "trained_tokens": trained_tokens}
+    (staged / COMPLETE).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+    final = out / staged.name
+    if final.exists():  # the same step saved again (e.g. a stop right after a scheduled save)
+        shutil.rmtree(final)
+    os.rename(staged, final)
+    if keep:
+        for old in complete_checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def fingerprint(**paths: str) -> dict[str, str]:
+    """sha256 of each data file by role (train_path=..., eval_path=...), so a resume can tell if the data changed."""
+    result = {}
+    for role, path in paths.items():
+        if path:
+            digest = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+            result[role] = digest.hexdigest()
+    return result
+
+
+def resume_problems(saved_config: dict[str, Any], current: dict[str, Any], saved_data: dict[str, str],
+                    current_data: dict[str, str]) -> list[str]:
+    """What differs between the interrupted run and this one, in words."""
+    problems = [f"{key}: {saved_config.get(key)!r} -> {current.get(key)!r}"
+                for key in sorted(set(saved_config) | set(current))
+                if key not in RESUMABLE_CHANGES and saved_config.get(key) != current.get(key)]
+    problems += [f"the --{role} data changed since the checkpoint (sha256 {saved_data.get(role, 'none')[:12]} -> "
+                 f"{current_data.get(role, 'none')[:12]})"
+                 for role in sorted(set(saved_data) | set(current_data)) if saved_data.get(role) != current_data.get(role)]
+    return problems
+
+
+def read_state(out: Path) -> dict[str, Any]:
+    path = out / RUN_STATE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def write_state(out: Path, state: dict[str, Any]) -> None:
+    tmp = out / (RUN_STATE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out / RUN_STATE)
+
+
+def check_resume(out: Path, current_config: dict[str, Any], current_data: dict[str, str], force: bool) -> None:
+    """Refuse to resume a run whose config or data changed, naming what changed (unless forced)."""
+    import yaml
+
+    run_file = out / "run_config.yaml"
+    state = read_state(out)
+    if not run_file.is_file() or "data" not in state:
+        raise UsageError(f"--resume: {out} holds no lora-train run to resume (no run_config.yaml/{RUN_STATE})")
+    saved = yaml.safe_load(run_file.read_text(encoding="utf-8")) or {}
+    problems = resume_problems(saved, current_config, state["data"], current_data)
+    if problems and not force:
+        raise UsageError("--resume: the run changed since its checkpoint: " + "; ".join(problems)
+                         + " (pass --resume_force to resume anyway, or --overwrite to start over)")
+    for problem in problems:
+        log.warning("resuming despite a change (--resume_force): %s", problem)
+
+
+def clear_previous_run(out: Path) -> None:
+    """--overwrite: remove what an earlier run left (checkpoints, adapter, metrics), not the user's other files."""
+    for p in out.glob("checkpoint-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    shutil.rmtree(out / STAGING, ignore_errors=True)
+    for name in FINAL_FILES + (RUN_STATE,):
+        (out / name).unlink(missing_ok=True)
+
+
+def save_final(trainer: Any, out: Path) -> None:
+    """Write the adapter under a temporary name, then move it into place with adapter_config.json last: a save cut
+    short leaves no adapter_config.json, so nothing half-written can be loaded as an adapter."""
+    staging = out / ".final.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    (out / "adapter_config.json").unlink(missing_ok=True)
+    trainer.save_model(str(staging))
+    files = sorted(staging.iterdir(), key=lambda p: p.name == "adapter_config.json")
+    for f in files:
+        os.replace(f, out / f.name)
+    staging.rmdir()
+
+
+def stop_on_signal_callback():
+    """A TrainerCallback that turns the first SIGTERM/SIGINT into 'save a checkpoint and stop after this step'."""
+    from transformers import TrainerCallback
+
+    class StopOnSignal(TrainerCallback):
+        def __init__(self):
+            self.signum: int | None = None
+            self._previous: dict[int, Any] = {}
+
+        def install(self) -> None:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+        def uninstall(self) -> None:
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+            self._previous.clear()
+
+        def _handle(self, signum, frame) -> None:
+            if self.signum is not None:  # the second signal: quit now
+                self.uninstall()
+                raise KeyboardInterrupt
+            self.signum = signum
+            log.warning("%s received: saving a checkpoint after this step, then stopping "
+                        "(press Ctrl-C again to quit at once without saving)", signal.Signals(signum).name)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.signum is not None:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return StopOnSignal()
