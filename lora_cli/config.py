@@ -17,7 +17,7 @@ from typing import Any
 from .errors import UsageError
 
 # Keys that steer the command itself: flags only, never YAML keys or part of the saved run config.
-CLI_ONLY = ("config", "debug", "resume", "resume_from_checkpoint", "resume_force")
+CLI_ONLY = ("config", "debug", "dry_run", "resume", "resume_from_checkpoint", "resume_force")
 
 
 def opt(default: Any, help: str, *, group: str, choices: tuple[str, ...] | None = None, metavar: str | None = None,
@@ -48,6 +48,9 @@ class TrainConfig:
     overwrite: bool = opt(False, "Allow writing into a non-empty --output_dir (its old checkpoints are removed).",
                           group="run")
     debug: bool = opt(False, "Show full tracebacks and library warnings.", group="run")
+    dry_run: bool = opt(False, "Check the data and the settings, print the data statistics, trainable parameters and "
+                               "a GPU memory estimate, then stop (no weights are loaded, nothing is written).",
+                        group="run")
     resume: bool = opt(False, "Continue the run in --output_dir from its newest complete checkpoint (weights, "
                               "optimizer, scheduler, RNG and data position).", group="run")
     resume_from_checkpoint: str = opt("", "Continue from this checkpoint folder instead of the newest one.",

@@ -44,6 +44,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     precision = models.choose_precision(cfg.precision)
     check_quantization_available(cfg)
     prepared = prepare(cfg)
+    if cfg.dry_run:
+        return dry_run(cfg, prepared, precision)
     data_hashes = checkpoints.fingerprint(train_path=cfg.train_path, eval_path=cfg.eval_path)
     resume_from = find_resume_checkpoint(cfg, out, data_hashes) if resuming else None
     log.info("loading %s (%s%s)", prepared.base.display, precision,
@@ -58,6 +60,28 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     check_disk_space(out, model, cfg.save_total_limit)
     trainer = build_trainer(cfg, model, prepared, precision)
     return run_training(cfg, trainer, prepared, out, resume_from, data_hashes)
+
+
+def dry_run(cfg: TrainConfig, prepared: Prepared, precision: str) -> dict[str, Any]:
+    from . import estimate
+
+    model = attach_lora(estimate.meta_model(prepared.base.path, cfg.trust_remote_code), cfg)
+    stats = prepared.train_stats
+    longest = min(stats.longest, cfg.max_seq_length)
+    seq_len = cfg.max_seq_length if cfg.packing else longest
+    est = estimate.estimate(model, precision=precision,
+                            quantization="4bit" if cfg.load_in_4bit else "8bit" if cfg.load_in_8bit else None,
+                            optim=cfg.optim, batch_size=cfg.batch_size, seq_len=seq_len,
+                            gradient_checkpointing=cfg.gradient_checkpointing)
+    steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
+        stats.kept / (cfg.batch_size * cfg.gradient_accumulation_steps) * cfg.num_train_epochs)
+    log.info("dry run: %s optimizer steps of %d conversations (batch %d x accumulation %d)", steps,
+             cfg.batch_size * cfg.gradient_accumulation_steps, cfg.batch_size, cfg.gradient_accumulation_steps)
+    log.info("GPU memory per device, %s%s, batch %d x %d tokens%s:\n%s", precision,
+             " + 4-bit base" if cfg.load_in_4bit else " + 8-bit base" if cfg.load_in_8bit else "", cfg.batch_size,
+             seq_len, ", gradient checkpointing" if cfg.gradient_checkpointing else "", "\n".join(est.lines()))
+    return {"dry_run": True, "optimizer_steps": steps, "trainable_params": est.trainable_params,
+            "total_params": est.total_params, "estimated_peak_bytes": est.total, "data": stats.as_dict()}
 
 
 def check_quantization_available(cfg: TrainConfig) -> None:
@@ -130,8 +154,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
     eval_cols = eval_stats = None
     if eval_rows:
         eval_cols, eval_stats = encode_rows(rows=eval_rows, name=cfg.eval_path or "validation split", **encode)
-    log.info("data: %d training conversations (%d tokens, %d trained, %.0f%%)%s", train_stats.kept,
-             train_stats.tokens, train_stats.trained_tokens, 100 * train_stats.trained_tokens / train_stats.tokens,
+    log.info("data: %d training conversations (%s tokens, %s trained = %.0f%%, longest %d)%s", train_stats.kept,
+             f"{train_stats.tokens:,}", f"{train_stats.trained_tokens:,}",
+             100 * train_stats.trained_tokens / train_stats.tokens, train_stats.longest,
              f", {eval_stats.kept} evaluation conversations" if eval_stats else "")
     return Prepared(base, tokenizer, train_cols, eval_cols, train_stats, eval_stats)
 

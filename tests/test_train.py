@@ -217,3 +217,26 @@ def test_labels_in_trainer_batches_are_the_masked_ones(tiny_llama, chat_file, tm
             lab == IGNORE_INDEX for lab in labels[len(k):]))
         key = next(k for k in rows if len(k) == n and list(k) == ids[:n])
         assert labels[:n] == rows[key]
+
+
+def test_dry_run_reports_without_loading_or_writing(tiny_llama, chat_file, tmp_path, capsys):
+    out = tmp_path / "dry"
+    argv = ["--base_model", str(tiny_llama), "--train_path", str(chat_file), "--output_dir", str(out), "--dry_run",
+            *TINY_TRAIN]
+    assert run_cli(argv) == 0
+    err = capsys.readouterr().err
+    assert not out.exists()
+    assert "data: 16 training conversations" in err and "trainable parameters" in err
+    assert "dry run: 3 optimizer steps" in err and "total (estimate" in err
+
+    from lora_cli import estimate
+
+    cfg = config.parse_args(argv)
+    model = attach_lora(estimate.meta_model(str(tiny_llama)), cfg)
+    full, qlora = (estimate.estimate(model, precision="bf16", quantization=q, optim="adamw_torch", batch_size=2,
+                                     seq_len=256, gradient_checkpointing=True) for q in (None, "4bit"))
+    assert qlora.weights < full.weights and qlora.trainable_params == full.trainable_params > 0
+    # LoRA r=4 on all linear layers: r * (in + out) per layer, counted exactly from the shapes.
+    linear = [m for n, m in model.named_modules() if type(m).__name__ == "Linear" and "lora" not in n
+              and n.endswith(("_proj",))]
+    assert full.trainable_params == sum(4 * (m.in_features + m.out_features) for m in linear)
