@@ -133,13 +133,18 @@ def clear_previous_run(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def save_final(trainer: Any, out: Path) -> None:
+def save_final(trainer: Any, out: Path, main_process: bool = True) -> None:
     """Write the adapter under a temporary name, then move it into place with adapter_config.json last: a save cut
-    short leaves no adapter_config.json, so nothing half-written can be loaded as an adapter."""
+    short leaves no adapter_config.json, so nothing half-written can be loaded as an adapter. Every process calls
+    this (sharded models gather their weights in save_model); only the main one writes."""
     staging = out / ".final.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    (out / "adapter_config.json").unlink(missing_ok=True)
+    if main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        (out / "adapter_config.json").unlink(missing_ok=True)
     trainer.save_model(str(staging))
+    trainer.accelerator.wait_for_everyone()
+    if not main_process:
+        return
     files = sorted(staging.iterdir(), key=lambda p: p.name == "adapter_config.json")
     for f in files:
         os.replace(f, out / f.name)

@@ -195,8 +195,10 @@ def load_model(base: BaseModel, *, precision: str, load_in_4bit: bool = False, l
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
-        # Quantised weights are placed at load time: one whole copy per process, on its own device.
-        kwargs["device_map"] = {"": _local_device()}
+        # Quantised weights are placed at load time: one whole copy per process, on its own device. Under FSDP
+        # the weights are sharded instead, stored in the compute dtype (bnb_4bit_quant_storage) so FSDP can wrap them.
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+            kwargs["device_map"] = {"": _local_device()}
     try:
         return AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
     except ImportError as exc:
@@ -220,3 +222,17 @@ def _load_error(base: BaseModel, exc: Exception) -> UsageError:
         return UsageError(f"--base_model {base.spec}: cannot load it from the Hugging Face Hub or its local cache "
                           f"({first[:200]}); download it where the Hub is reachable and pass the folder")
     return UsageError(f"--base_model {base.spec or base.path}: cannot load it ({first[:200]})")
+
+
+def local_folder(base: BaseModel) -> Path:
+    """A local folder with the base's config and weights: the folder itself, or its Hub snapshot (fetched once).
+
+    Only configs, safetensors and model code are fetched; a model without safetensors is loaded by from_pretrained."""
+    if base.kind != "hub":
+        return Path(base.path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(base.path, allow_patterns=["*.json", "*.safetensors", "*.py"]))
+    except Exception as exc:  # offline, gated, missing: the hub library raises many types
+        raise _load_error(base, exc) from None

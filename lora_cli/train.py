@@ -96,7 +96,8 @@ def check_quantization_available(cfg: TrainConfig) -> None:
 def find_resume_checkpoint(cfg: TrainConfig, out: Path, data_hashes: dict[str, str]) -> str:
     """The checkpoint to resume from, after checking that config and data are those of the interrupted run."""
     checkpoints.check_resume(out, config.to_dict(cfg), data_hashes, cfg.resume_force)
-    checkpoints.remove_incomplete(out)
+    if is_main_process():  # the others only read; they skip incomplete checkpoints all the same
+        checkpoints.remove_incomplete(out)
     if cfg.resume_from_checkpoint:
         chosen = Path(cfg.resume_from_checkpoint)
         if not (chosen / checkpoints.COMPLETE).is_file():
@@ -123,10 +124,16 @@ def check_disk_space(out: Path, model: Any, keep: int) -> None:
                          "--save_total_limit")
 
 
+def is_main_process() -> bool:
+    """True in a single process, and in the first process of a torchrun/accelerate launch."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def check_output_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    # Only the first process checks: the others may start after it has created the folder.
+    if is_main_process() and out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"--output_dir {out}: not empty; pass --overwrite to write into it, or choose a new folder")
     if not os.access(out if out.exists() else _existing_parent(out), os.W_OK):
         raise UsageError(f"--output_dir {out}: not writable")
@@ -203,7 +210,8 @@ def _trainer_class():
         _staging: Path | None = None
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            self.trained_tokens += int((inputs["labels"] != chat.IGNORE_INDEX).sum())
+            trained = (inputs["labels"] != chat.IGNORE_INDEX).sum()
+            self.trained_tokens += int(self.accelerator.reduce(trained, reduction="sum"))  # over all processes
             return super().training_step(model, inputs, num_items_in_batch)
 
         def _save_checkpoint(self, model, trial):
@@ -213,6 +221,7 @@ def _trainer_class():
                 super()._save_checkpoint(model, trial)
             finally:
                 self._staging = None
+            self.accelerator.wait_for_everyone()  # every process has written its part (e.g. its RNG state)
             if self.args.should_save:
                 step = self.state.global_step
                 checkpoints.finish_checkpoint(out / checkpoints.STAGING / f"checkpoint-{step}", out, step,
@@ -257,6 +266,8 @@ def build_trainer(cfg: TrainConfig, model: Any, prepared: Prepared, precision: s
         eval_strategy="steps" if has_eval else "no",
         eval_steps=cfg.eval_steps or cfg.save_steps,
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        ddp_find_unused_parameters=False,  # every LoRA weight takes part in each step: skip DDP's extra graph walk
+        use_cpu=not _cuda_available(),  # without it transformers ignores a torchrun/accelerate launch on CPU
         max_length=cfg.max_seq_length,
         packing=cfg.packing,
         packing_strategy="bfd",  # whole conversations only; with padding-free batches, no cross-attention
@@ -269,7 +280,21 @@ def build_trainer(cfg: TrainConfig, model: Any, prepared: Prepared, precision: s
                                processing_class=prepared.tokenizer)
     trainer.keep_checkpoints = cfg.save_total_limit
     _use_compact_progress(trainer)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != args.world_size:  # never train N independent copies that overwrite each other's outputs
+        raise UsageError(f"launched as {launched} processes but training sees {args.world_size}; check the "
+                         "launcher (torchrun/accelerate) and the device settings")
+    if args.world_size > 1:
+        log.info("%d processes: effective batch %d conversations (micro-batch %d x accumulation %d x %d processes)",
+                 args.world_size, cfg.batch_size * cfg.gradient_accumulation_steps * args.world_size,
+                 cfg.batch_size, cfg.gradient_accumulation_steps, args.world_size)
     return trainer
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 LOGGED = ("loss", "eval_loss", "learning_rate", "grad_norm", "mean_token_accuracy", "eval_mean_token_accuracy")
@@ -348,8 +373,8 @@ def run_training(cfg: TrainConfig, trainer: Any, prepared: Prepared, out: Path, 
         base_model=prepared.base.display,
         base_model_path=prepared.base.path,
     )
+    checkpoints.save_final(trainer, out, main_process)  # adapter_model.safetensors, adapter_config.json, tokenizer
     if main_process:
-        checkpoints.save_final(trainer, out)  # adapter_model.safetensors, adapter_config.json and the tokenizer
         (out / METRICS).write_text(json.dumps(_finite(metrics), indent=2) + "\n", encoding="utf-8")
     log.info(summary_line(metrics, out))
     return metrics

@@ -18,7 +18,9 @@ def setup_logging(prog: str, debug: bool) -> None:
     handler.setFormatter(_Formatter(prog))
     logger = logging.getLogger("lora_cli")
     logger.handlers[:] = [handler]
-    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    # Under torchrun/accelerate every process runs this: only the first one talks, unless something is wrong.
+    main_process = os.environ.get("RANK", "0") == "0"
+    logger.setLevel(logging.DEBUG if debug else logging.INFO if main_process else logging.WARNING)
     logger.propagate = False
     if not debug:  # library chatter that users cannot act on; --debug shows it
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
