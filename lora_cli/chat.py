@@ -137,12 +137,37 @@ def encode(tokenizer: Any, messages: list[dict], train_on_inputs: bool = False, 
             ids += piece
             offsets += [(a, a)] * len(piece)
             pos = b
-    in_span = [any(s.start <= start < s.end for s in spans) for start, _ in offsets]
+    # A token overlapping a span is trained: with a generation prompt ending in a space ("assistant: "), the first
+    # answer token (" Hello") starts inside the prompt and would otherwise never be learned.
+    in_span = [any(start < s.end and max(end, start + 1) > s.start for s in spans) for start, end in offsets]
     labels = list(ids) if train_on_inputs else [t if keep else IGNORE_INDEX for t, keep in zip(ids, in_span)]
-    bos = tokenizer.bos_token_id
-    if bos is not None and _adds_bos(tokenizer) and (not ids or ids[0] != bos):
-        ids, labels = [bos, *ids], [IGNORE_INDEX, *labels]  # the template left out the BOS the model expects
+    if _missing_bos(tokenizer, ids):
+        ids, labels = [tokenizer.bos_token_id, *ids], [IGNORE_INDEX, *labels]
     return Encoded(ids, labels, len(spans), sum(s.has_end_of_turn for s in spans))
+
+
+def encode_prompt(tokenizer: Any, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation so far plus the generation prompt: the input from which the model answers,
+    tokenised as encode() tokenises the same text in training."""
+    ids = tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    return [tokenizer.bos_token_id, *ids] if _missing_bos(tokenizer, ids) else ids
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """Where generation must stop: the token that closes an assistant turn under the current template (e.g.
+    <|im_end|>, <|eot_id|>), as encode() finds it for training, then EOS."""
+    probe = encode(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    trained = [label for label in probe.labels if label != IGNORE_INDEX]
+    ids = [trained[-1]] if probe.turns_with_end and trained else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _missing_bos(tokenizer: Any, ids: list[int]) -> bool:
+    """The template left out the BOS the model expects (the tokenizer adds one to plain text)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and _adds_bos(tokenizer) and (not ids or ids[0] != bos)
 
 
 def _adds_bos(tokenizer: Any) -> bool:

@@ -119,10 +119,17 @@ class TrainConfig:
     warmup_ratio: float = opt(0.03, "Fraction of the steps spent warming the learning rate up.", group="training")
     weight_decay: float = opt(0.0, "AdamW weight decay.", group="training")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).", group="training")
-    gradient_checkpointing: bool = opt(True, "Recompute activations in the backward pass to save memory.",
+    gradient_checkpointing: bool = opt(None, "Recompute activations in the backward pass to save memory. Not given "
+                                             "(auto): on when the GPU memory estimate without it exceeds 80%% of the "
+                                             "free GPU memory; off on CPU, where it only costs time.",
                                        group="training")
-    packing: bool = opt(False, "Pack several conversations into each sequence, padding-free, with no attention "
-                               "across conversations.", group="training")
+    tokens_per_batch: int = opt(8192, "Token budget of a micro-batch: the --batch_size x "
+                                      "--gradient_accumulation_steps conversations of each optimizer step are "
+                                      "regrouped, padding-free, into as few micro-batches as fit this many tokens "
+                                      "(same optimizer steps, less overhead). 0: micro-batches of exactly "
+                                      "--batch_size, padded.", group="training")
+    packing: bool = opt(False, "Pack conversations into sequences of --max_seq_length tokens, padding-free, with no "
+                               "attention across conversations (fewer, fuller optimizer steps).", group="training")
     seed: int = opt(42, "Random seed for data order, splits and adapter initialisation.", group="training")
 
     # --- logging and checkpoints -------------------------------------------------------------------------------------
@@ -186,9 +193,12 @@ def _suggest(name: str, known: list[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def _coerce(name: str, value: Any, kind: type, where: str) -> tuple[Any, str | None]:
-    """Convert a YAML or flag value to the field's type; return (value, error)."""
+def _coerce(name: str, value: Any, kind: type, where: str, nullable: bool = False) -> tuple[Any, str | None]:
+    """Convert a YAML or flag value to the field's type; return (value, error). A nullable (three-state) bool also
+    takes null or 'auto'."""
     if kind is bool:
+        if nullable and (value is None or (isinstance(value, str) and value.lower() == "auto")):
+            return None, None
         if isinstance(value, bool):
             return value, None
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
@@ -257,6 +267,7 @@ def parse_args(argv: list[str] | None = None, cls: type = None) -> Any:
             after_flag = False
 
     types = _types(cls)
+    nullable = {f.name: f.default is None for f in fields(cls)}
     values: dict[str, Any] = {}
     config_path = given.get("config", "")
     if config_path:
@@ -264,7 +275,7 @@ def parse_args(argv: list[str] | None = None, cls: type = None) -> Any:
             if key not in types or key in CLI_ONLY:
                 errors.append(f"--config {config_path}: unknown key '{key}'{_suggest(str(key), list(types))}")
                 continue
-            coerced, err = _coerce(key, value, types[key], f"--config {config_path}: {key}")
+            coerced, err = _coerce(key, value, types[key], f"--config {config_path}: {key}", nullable[key])
             if err:
                 errors.append(err)
             else:
@@ -272,7 +283,7 @@ def parse_args(argv: list[str] | None = None, cls: type = None) -> Any:
     for key, value in given.items():
         if isinstance(value, list):  # a repeatable flag given several times
             value = ",".join(value)
-        coerced, err = _coerce(key, value, types[key], f"--{key}")
+        coerced, err = _coerce(key, value, types[key], f"--{key}", nullable[key])
         if err:
             errors.append(err)
         else:
@@ -326,7 +337,7 @@ def _train_problems(cfg: TrainConfig) -> list[str]:
     for name in positive:
         if getattr(cfg, name) <= 0:
             errors.append(f"--{name}: must be > 0, got {getattr(cfg, name)}")
-    for name in ("eval_steps", "save_total_limit", "weight_decay", "max_grad_norm"):
+    for name in ("eval_steps", "save_total_limit", "weight_decay", "max_grad_norm", "tokens_per_batch"):
         if getattr(cfg, name) < 0:
             errors.append(f"--{name}: must be >= 0, got {getattr(cfg, name)}")
     if cfg.learning_rate <= 0:

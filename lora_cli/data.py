@@ -37,21 +37,36 @@ def load_conversations(path: str) -> list[Conversation]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{path}: file not found")
-    suffix = p.suffix.lower()
-    if suffix in JSONL_SUFFIXES:
-        rows = _read_jsonl(p)
-    elif suffix == ".json":
-        rows = _read_json(p)
-    elif suffix == ".csv":
-        rows = _read_csv(p)
-    elif suffix in DATASETS_SUFFIXES:
-        rows = _read_with_datasets(p, DATASETS_SUFFIXES[suffix])
-    else:
-        raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use .jsonl, .json, .parquet or .csv")
+    rows = _read_rows(p, p.suffix.lower())
     conversations = [Conversation(normalise_row(row, where), where) for where, row in rows]
     if not conversations:
         raise DataError(f"{path}: no rows (the file is empty)")
     return conversations
+
+
+def scan_rows(path: str) -> Iterator[tuple[str, Any]]:
+    """Every raw row of a data file with where it is, for checks that report all bad rows (lora-data): a JSON Lines
+    line that does not parse is yielded as its DataError instead of ending the scan. A file that cannot be read
+    at all (missing, wrong type, not UTF-8, broken CSV or JSON array) still raises DataError."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{path}: file not found")
+    suffix = p.suffix.lower()
+    if suffix in JSONL_SUFFIXES or (suffix == ".json" and not _decode(p).lstrip().startswith("[")):
+        return _scan_jsonl(p)
+    return iter(_read_rows(p, suffix))
+
+
+def _read_rows(p: Path, suffix: str) -> Any:
+    if suffix in JSONL_SUFFIXES:
+        return _read_jsonl(p)
+    if suffix == ".json":
+        return _read_json(p)
+    if suffix == ".csv":
+        return _read_csv(p)
+    if suffix in DATASETS_SUFFIXES:
+        return _read_with_datasets(p, DATASETS_SUFFIXES[suffix])
+    raise DataError(f"{p}: unsupported file type {suffix or '(none)'}; use .jsonl, .json, .parquet or .csv")
 
 
 def split_validation(rows: list[Conversation], fraction: float, seed: int) -> tuple[list, list]:
@@ -77,6 +92,14 @@ def _decode(p: Path) -> str:
 
 
 def _read_jsonl(p: Path) -> Iterator[tuple[str, Any]]:
+    for where, row in _scan_jsonl(p):
+        if isinstance(row, DataError):
+            raise row
+        yield where, row
+
+
+def _scan_jsonl(p: Path) -> Iterator[tuple[str, Any]]:
+    """Each line's row, or the DataError that line raises: a line that is not JSON does not end the scan."""
     text = _decode(p)
     for number, line in enumerate(text.split("\n"), start=1):
         line = line.strip()  # CRLF line ends and surrounding blanks
@@ -85,9 +108,9 @@ def _read_jsonl(p: Path) -> Iterator[tuple[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{p}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+            row = DataError(f"{p}:{number}: invalid JSON: {exc.msg} (column {exc.colno})")
         except (ValueError, RecursionError) as exc:
-            raise DataError(f"{p}:{number}: invalid JSON: {_json_limit(exc)}") from None
+            row = DataError(f"{p}:{number}: invalid JSON: {_json_limit(exc)}")
         yield f"{p}:{number}", row
 
 
@@ -163,17 +186,33 @@ def _read_with_datasets(p: Path, builder: str) -> list[tuple[str, Any]]:
     return [(f"{p}:row {i}", {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(ds, start=1)]
 
 
+def row_format(row: Any) -> str | None:
+    """The format a row is read as ("messages", "sharegpt", "alpaca", "prompt/completion"), or None."""
+    if not isinstance(row, dict):
+        return None
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "prompt" in row and "completion" in row:
+        return "prompt/completion"
+    return None
+
+
 def normalise_row(row: Any, where: str) -> list[dict[str, str]]:
     """One row of any supported format as a validated list of {role, content} messages."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {_type_name(row)}")
-    if "messages" in row:
+    kind = row_format(row)
+    if kind == "messages":
         messages = _from_messages(row["messages"], where, "messages")
-    elif "conversations" in row:
+    elif kind == "sharegpt":
         messages = _from_sharegpt(row["conversations"], where)
-    elif "instruction" in row and "output" in row:
+    elif kind == "alpaca":
         messages = _from_alpaca(row, where)
-    elif "prompt" in row and "completion" in row:
+    elif kind == "prompt/completion":
         messages = _from_prompt_completion(row, where)
     else:
         names = sorted(json.dumps(str(k), ensure_ascii=False)[1:-1] for k in row)  # a key may hold a newline

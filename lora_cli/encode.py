@@ -6,7 +6,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .chat import IGNORE_INDEX, encode
+from .chat import IGNORE_INDEX, Encoded, encode
 from .data import Conversation
 from .errors import DataError
 
@@ -31,40 +31,77 @@ class EncodeStats:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def add(self, row: EncodedRow, where: str) -> None:
+        """Count one encoded row (encode_rows and lora-data count through here, so their numbers agree)."""
+        self.rows += 1
+        self.longest = max(self.longest, len(row.full.input_ids))
+        self.assistant_turns += row.full.turns
+        self.turns_missing_end_of_turn += row.full.turns - row.full.turns_with_end
+        if row.fate in (TRUNCATED, TOO_LONG):
+            self.too_long += 1
+        if row.fate == TRUNCATED:
+            self.truncated += 1
+        elif row.fate == TOO_LONG:
+            self.dropped_too_long += 1
+            _note(self, where)
+        elif row.fate == NO_TRAINED_TOKENS:
+            self.dropped_no_trained_tokens += 1
+            _note(self, where)
+        if row.kept:
+            self.kept += 1
+            self.tokens += len(row.input_ids)
+            self.trained_tokens += sum(1 for label in row.labels if label != IGNORE_INDEX)
+
+
+# What happens to a row in training (EncodedRow.fate).
+KEPT, TRUNCATED, TOO_LONG, NO_TRAINED_TOKENS = "kept", "truncated", "too_long", "no_trained_tokens"
+
+
+@dataclass
+class EncodedRow:
+    """One conversation as lora-train sees it: its whole encoding, and what of it is trained on."""
+
+    full: Encoded  # the whole conversation, before --max_seq_length applies
+    input_ids: list[int]  # the sequence trained on: cut at --max_seq_length when truncated, empty when dropped
+    labels: list[int]
+    fate: str  # KEPT, TRUNCATED, or dropped: TOO_LONG, NO_TRAINED_TOKENS
+
+    @property
+    def kept(self) -> bool:
+        return self.fate in (KEPT, TRUNCATED)
+
+
+def encode_row(tokenizer: Any, row: Conversation, *, max_seq_length: int, truncation: str,
+               train_on_inputs: bool) -> EncodedRow:
+    """One conversation's token ids and labels, and what --max_seq_length and the loss mask leave of it."""
+    enc = encode(tokenizer, row.messages, train_on_inputs, row.where)
+    ids, labels, fate = enc.input_ids, enc.labels, KEPT
+    if len(ids) > max_seq_length:
+        if truncation == "drop":
+            return EncodedRow(enc, [], [], TOO_LONG)
+        ids, labels, fate = ids[:max_seq_length], labels[:max_seq_length], TRUNCATED
+        if all(label == IGNORE_INDEX for label in labels):
+            return EncodedRow(enc, [], [], TOO_LONG)  # the cut left no assistant token: nothing to train
+    if all(label == IGNORE_INDEX for label in labels):
+        return EncodedRow(enc, [], [], NO_TRAINED_TOKENS)
+    return EncodedRow(enc, ids, labels, fate)
+
 
 def encode_rows(tokenizer: Any, rows: list[Conversation], *, max_seq_length: int, truncation: str,
-                train_on_inputs: bool, name: str) -> tuple[dict[str, list], EncodeStats]:
-    """Columns `input_ids` and `labels` for the rows that can be trained on, and the counts of the rest."""
-    stats = EncodeStats(rows=len(rows))
-    columns: dict[str, list] = {"input_ids": [], "labels": []}
-    for row in rows:
-        enc = encode(tokenizer, row.messages, train_on_inputs, row.where)
-        ids, labels = enc.input_ids, enc.labels
-        stats.longest = max(stats.longest, len(ids))
-        stats.assistant_turns += enc.turns
-        stats.turns_missing_end_of_turn += enc.turns - enc.turns_with_end
-        if len(ids) > max_seq_length:
-            stats.too_long += 1
-            if truncation == "drop":
-                stats.dropped_too_long += 1
-                _note(stats, row.where)
-                continue
-            ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-            if all(label == IGNORE_INDEX for label in labels):
-                stats.dropped_too_long += 1
-                _note(stats, row.where)
-                continue
-            stats.truncated += 1
-        trained = sum(1 for label in labels if label != IGNORE_INDEX)
-        if trained == 0:
-            stats.dropped_no_trained_tokens += 1
-            _note(stats, row.where)
-            continue
-        columns["input_ids"].append(ids)
-        columns["labels"].append(labels)
-        stats.kept += 1
-        stats.tokens += len(ids)
-        stats.trained_tokens += trained
+                train_on_inputs: bool, name: str, row_index: bool = False) -> tuple[dict[str, list], EncodeStats]:
+    """Columns `input_ids` and `labels` for the rows that can be trained on, and the counts of the rest. With
+    `row_index`, a column `row` also gives each kept row's position in `rows`."""
+    stats = EncodeStats()
+    columns: dict[str, list] = {"input_ids": [], "labels": [], **({"row": []} if row_index else {})}
+    for index, row in enumerate(rows):
+        encoded = encode_row(tokenizer, row, max_seq_length=max_seq_length, truncation=truncation,
+                             train_on_inputs=train_on_inputs)
+        stats.add(encoded, row.where)
+        if encoded.kept:
+            columns["input_ids"].append(encoded.input_ids)
+            columns["labels"].append(encoded.labels)
+            if row_index:
+                columns["row"].append(index)
     _report(stats, name, max_seq_length, truncation)
     return columns, stats
 

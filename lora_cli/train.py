@@ -69,19 +69,53 @@ def dry_run(cfg: TrainConfig, prepared: Prepared, precision: str) -> dict[str, A
     stats = prepared.train_stats
     longest = min(stats.longest, cfg.max_seq_length)
     seq_len = cfg.max_seq_length if cfg.packing else longest
-    est = estimate.estimate(model, precision=precision,
-                            quantization="4bit" if cfg.load_in_4bit else "8bit" if cfg.load_in_8bit else None,
-                            optim=cfg.optim, batch_size=cfg.batch_size, seq_len=seq_len,
-                            gradient_checkpointing=cfg.gradient_checkpointing)
+    micro, accumulation, _ = micro_batching(cfg, stats.longest)
+    gc = decide_gradient_checkpointing(cfg, model, precision, micro, seq_len)
+    est = estimate.estimate(model, precision=precision, quantization=quantization(cfg), optim=cfg.optim,
+                            batch_size=micro, seq_len=seq_len, gradient_checkpointing=gc)
     steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
         stats.kept / (cfg.batch_size * cfg.gradient_accumulation_steps) * cfg.num_train_epochs)
-    log.info("dry run: %s optimizer steps of %d conversations (batch %d x accumulation %d)", steps,
-             cfg.batch_size * cfg.gradient_accumulation_steps, cfg.batch_size, cfg.gradient_accumulation_steps)
-    log.info("GPU memory per device, %s%s, batch %d x %d tokens%s:\n%s", precision,
-             " + 4-bit base" if cfg.load_in_4bit else " + 8-bit base" if cfg.load_in_8bit else "", cfg.batch_size,
-             seq_len, ", gradient checkpointing" if cfg.gradient_checkpointing else "", "\n".join(est.lines()))
+    log.info("dry run: %s optimizer steps of %d conversations (micro-batches of %d x accumulation %d)", steps,
+             cfg.batch_size * cfg.gradient_accumulation_steps, micro, accumulation)
+    log.info("GPU memory per device, %s%s, micro-batch %d x %d tokens%s:\n%s", precision,
+             " + 4-bit base" if cfg.load_in_4bit else " + 8-bit base" if cfg.load_in_8bit else "", micro,
+             seq_len, ", gradient checkpointing" if gc else "", "\n".join(est.lines()))
     return {"dry_run": True, "optimizer_steps": steps, "trainable_params": est.trainable_params,
             "total_params": est.total_params, "estimated_peak_bytes": est.total, "data": stats.as_dict()}
+
+
+def quantization(cfg: TrainConfig) -> str | None:
+    return "4bit" if cfg.load_in_4bit else "8bit" if cfg.load_in_8bit else None
+
+
+def micro_batching(cfg: TrainConfig, longest: int) -> tuple[int, int, bool]:
+    """(micro-batch, accumulation steps, padding-free): the effective batch of --batch_size x
+    --gradient_accumulation_steps conversations, regrouped into the fewest padding-free micro-batches whose longest
+    possible size fits --tokens_per_batch. Same conversations per optimizer step, far fewer forward passes."""
+    if cfg.packing:  # packed rows are already full sequences of --max_seq_length tokens
+        return cfg.batch_size, cfg.gradient_accumulation_steps, True
+    if cfg.tokens_per_batch == 0:
+        return cfg.batch_size, cfg.gradient_accumulation_steps, False
+    effective = cfg.batch_size * cfg.gradient_accumulation_steps
+    fit = max(1, cfg.tokens_per_batch // max(1, min(longest, cfg.max_seq_length)))
+    micro = max(d for d in range(1, effective + 1) if effective % d == 0 and d <= fit)
+    return micro, effective // micro, True
+
+
+def decide_gradient_checkpointing(cfg: TrainConfig, model: Any, precision: str, micro: int, seq_len: int) -> bool:
+    """--gradient_checkpointing as given; else on only where memory needs it (never on CPU, where it costs time)."""
+    if cfg.gradient_checkpointing is not None:
+        return cfg.gradient_checkpointing
+    if not _cuda_available():
+        return False
+    import torch
+
+    from . import estimate
+
+    without = estimate.estimate(model, precision=precision, quantization=quantization(cfg), optim=cfg.optim,
+                                batch_size=micro, seq_len=seq_len, gradient_checkpointing=False)
+    free, _ = torch.cuda.mem_get_info()
+    return without.total > 0.8 * (free + torch.cuda.memory_allocated())  # the weights already on the GPU count too
 
 
 def check_quantization_available(cfg: TrainConfig) -> None:
@@ -173,9 +207,9 @@ def attach_lora(model: Any, cfg: TrainConfig) -> Any:
 
     if cfg.load_in_4bit or cfg.load_in_8bit:
         # Casts norms to fp32 and enables input gradients, which gradient checkpointing on a frozen base needs.
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Gradient checkpointing is left to the trainer (decided once the adapter's size is known); non-reentrant
+        # checkpointing needs no input gradients.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets: str | list[str] = "all-linear" if cfg.target_modules == "all-linear" else split_list(cfg.target_modules)
     lora = LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
@@ -242,11 +276,18 @@ def build_trainer(cfg: TrainConfig, model: Any, prepared: Prepared, precision: s
     from trl import SFTConfig
 
     has_eval = prepared.eval is not None
+    micro, accumulation, padding_free = micro_batching(cfg, prepared.train_stats.longest)
+    seq_len = cfg.max_seq_length if cfg.packing else min(prepared.train_stats.longest, cfg.max_seq_length)
+    checkpointing = decide_gradient_checkpointing(cfg, model, precision, micro, seq_len)
+    log.info("each optimizer step: %d conversations in %d %s micro-batch%s of %d%s", micro * accumulation,
+             accumulation, "padding-free" if padding_free else "padded", "es" if accumulation > 1 else "", micro,
+             ", gradient checkpointing" if checkpointing else "")
     args = SFTConfig(
         output_dir=cfg.output_dir,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        per_device_train_batch_size=micro,
+        per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
+        padding_free=padding_free,  # one row per micro-batch, position ids restart per conversation, no padding
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
@@ -258,7 +299,8 @@ def build_trainer(cfg: TrainConfig, model: Any, prepared: Prepared, precision: s
         seed=cfg.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=checkpointing,
+        use_liger_kernel=_liger_available(),  # fused RMSNorm/SwiGLU/RoPE kernels on CUDA; TRL fuses the LM head
         activation_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=cfg.logging_steps,
         save_steps=cfg.save_steps,
@@ -268,7 +310,8 @@ def build_trainer(cfg: TrainConfig, model: Any, prepared: Prepared, precision: s
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         ddp_find_unused_parameters=False,  # every LoRA weight takes part in each step: skip DDP's extra graph walk
         use_cpu=not _cuda_available(),  # without it transformers ignores a torchrun/accelerate launch on CPU
-        max_length=cfg.max_seq_length,
+        # Rows are already cut to --max_seq_length (and counted) by encode_rows; packing needs it as the bin size.
+        max_length=cfg.max_seq_length if cfg.packing else None,
         packing=cfg.packing,
         packing_strategy="bfd",  # whole conversations only; with padding-free batches, no cross-attention
         dataset_num_proc=None,
@@ -289,6 +332,12 @@ def build_trainer(cfg: TrainConfig, model: Any, prepared: Prepared, precision: s
                  args.world_size, cfg.batch_size * cfg.gradient_accumulation_steps * args.world_size,
                  cfg.batch_size, cfg.gradient_accumulation_steps, args.world_size)
     return trainer
+
+
+def _liger_available() -> bool:
+    import importlib.util
+
+    return _cuda_available() and importlib.util.find_spec("liger_kernel") is not None
 
 
 def _cuda_available() -> bool:

@@ -125,3 +125,13 @@ def test_collator_keeps_eos_labels_although_pad_is_eos(tokenizer):
     assert batch["labels"][0, : len(short.labels)].tolist() == short.labels
     assert (batch["labels"][0, len(short.labels):] == IGNORE_INDEX).all()
     assert batch["labels"][1].tolist() == long.labels
+
+
+def test_first_answer_token_trained_when_the_prompt_ends_in_a_space(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token + '\\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    enc = encode(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello there, friend"}])
+    assert trained_runs(tok, enc) == [" Hello there, friend<|im_end|>"]
+    one = encode(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Yes"}])
+    assert trained_runs(tok, one) == [" Yes<|im_end|>"]

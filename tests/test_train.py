@@ -91,17 +91,39 @@ def test_packed_rows_do_not_attend_to_each_other(tiny_llama, tokenizer):
             torch.testing.assert_close(part, alone, atol=1e-4, rtol=1e-4)
 
 
-def test_packed_and_padded_batches_give_the_same_loss(tiny_llama, chat_file, tmp_path):
-    _, prepared, plain = build(tiny_llama, chat_file, tmp_path / "a")
-    _, _, packed = build(tiny_llama, chat_file, tmp_path / "b", "--packing")
-    assert packed.data_collator.padding_free and not plain.data_collator.padding_free
+def test_padded_padding_free_and_packed_batches_give_the_same_loss(tiny_llama, chat_file, tmp_path):
+    _, prepared, padded = build(tiny_llama, chat_file, tmp_path / "a", "--tokens_per_batch", "0")
+    _, _, free = build(tiny_llama, chat_file, tmp_path / "b")  # the default: padding-free micro-batches
+    _, _, packed = build(tiny_llama, chat_file, tmp_path / "c", "--packing")
+    assert not padded.data_collator.padding_free and free.data_collator.padding_free
     examples = [{"input_ids": prepared.train["input_ids"][i], "labels": prepared.train["labels"][i]} for i in (0, 3)]
     losses = []
-    for trainer in (plain, packed):
+    for trainer in (padded, free, packed):
         trainer.model.eval()
         with torch.no_grad():
             losses.append(trainer.compute_loss(trainer.model, trainer.data_collator(examples)))
-    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+    # TRL's fused LM head (logits only at trained positions, in tiles) against the plain full-logits loss.
+    batch = padded.data_collator(examples)
+    with torch.no_grad():
+        plain = padded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             labels=batch["labels"], use_cache=False).loss
+    for loss in losses:
+        torch.testing.assert_close(loss, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_micro_batches_keep_the_effective_batch(tiny_llama, chat_file, tmp_path):
+    from lora_cli.train import micro_batching
+
+    cfg = config.parse_args(["--train_path", str(chat_file), "--output_dir", str(tmp_path / "o"),
+                             "--batch_size", "2", "--gradient_accumulation_steps", "6", "--tokens_per_batch", "1000"])
+    assert micro_batching(cfg, 100) == (6, 2, True)  # 10 fit; the largest divisor of 12 that fits is 6
+    assert micro_batching(cfg, 600) == (1, 12, True)
+    assert micro_batching(cfg, 5000) == (1, 12, True)  # longer than the budget: one conversation at a time
+    cfg.tokens_per_batch = 0
+    assert micro_batching(cfg, 100) == (2, 6, False)
+    _, _, trainer = build(tiny_llama, chat_file, tmp_path / "t", "--batch_size", "1", "--gradient_accumulation_steps",
+                          "4")
+    assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (4, 1)
 
 
 def test_cli_run_writes_a_complete_output_dir(tiny_qwen, llama3_tokenizer, chat_file, tmp_path, capsys):
@@ -208,15 +230,17 @@ def test_demo_model_learns_the_sample_task(tmp_path, capsys):
 
 
 def test_labels_in_trainer_batches_are_the_masked_ones(tiny_llama, chat_file, tmp_path, tokenizer):
-    # What TRL feeds the model is exactly our masks (no re-masking, no truncation surprises).
+    # What TRL feeds the model is exactly our masks (no re-masking, no truncation surprises): the padding-free row
+    # splits, where position ids restart, into whole encoded conversations carrying their own labels.
     _, prepared, trainer = build(tiny_llama, chat_file, tmp_path / "out")
     batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
     rows = {tuple(ids): labels for ids, labels in zip(prepared.train["input_ids"], prepared.train["labels"])}
-    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
-        n = next(len(k) for k in rows if list(k) == ids[: len(k)] and all(
-            lab == IGNORE_INDEX for lab in labels[len(k):]))
-        key = next(k for k in rows if len(k) == n and list(k) == ids[:n])
-        assert labels[:n] == rows[key]
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+    assert len(starts) - 1 == trainer.args.per_device_train_batch_size
+    for a, b in zip(starts, starts[1:]):
+        ids, labels = tuple(batch["input_ids"][0, a:b].tolist()), batch["labels"][0, a:b].tolist()
+        assert rows[ids] == labels
 
 
 def test_dry_run_reports_without_loading_or_writing(tiny_llama, chat_file, tmp_path, capsys):
