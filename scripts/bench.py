@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""Side-by-side training benchmark: the typical tutorial recipe against lora-train, same machine, data and model.
+
+    python scripts/bench.py                       # demo model, sample data, CPU or GPU (a few minutes on CPU)
+    python scripts/bench.py --base_model DIR --train_path d.jsonl --eval_path e.jsonl --examples 256 --max_seq_length 2048
+
+Runs (each in its own process, so peak memory is its own):
+  baseline          TRL SFTTrainer on rendered text, packing=False, batch 1 x accumulation 4, paged AdamW, loss on all
+                    tokens, TRL's default gradient checkpointing: the widely copied recipe (kept here only)
+  lora-train        lora-train's defaults (effective batch 1 x 4, the same examples per optimizer step)
+  lora-train-fast   lora-train with its fastest settings (effective batch 16, plain AdamW, learning rate scaled)
+Every run sees the same examples; the first optimizer step is warm-up and not timed. Reported per run: non-pad
+tokens/s (all tokens the model processed), loss tokens/s (tokens in the loss), optimizer steps/s, wall time, peak
+memory (process RSS on CPU, torch.cuda.max_memory_allocated on GPU), the held-out loss on assistant tokens (the task;
+computed the same way for every run), and the ratios to the baseline. Results also go to --out (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RUNS = ("baseline", "lora-train", "lora-train-fast")
+H100_BF16_DENSE_FLOPS = 989e12
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base_model", default="", help="model for every run ('' = the embedded demo model)")
+    p.add_argument("--train_path", default=str(ROOT / "data/sample/train.jsonl"))
+    p.add_argument("--eval_path", default=str(ROOT / "data/sample/eval.jsonl"))
+    p.add_argument("--examples", type=int, default=96, help="training conversations each run sees")
+    p.add_argument("--eval_rows", type=int, default=40, help="held-out conversations for the final loss")
+    p.add_argument("--max_seq_length", type=int, default=2048)
+    p.add_argument("--load_in_4bit", action="store_true", help="QLoRA (NF4) in every run")
+    p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
+    p.add_argument("--out", default=str(ROOT / "runs/bench.json"))
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse()
+    if args.worker:
+        print("BENCH_RESULT " + json.dumps(run_worker(args)), flush=True)
+        return
+    results = {}
+    for name in args.runs.split(","):
+        argv = [sys.executable, __file__, "--worker", name] + [
+            f"--{k}={v}" for k, v in vars(args).items() if k not in ("worker", "runs", "out", "load_in_4bit")]
+        argv += ["--load_in_4bit"] if args.load_in_4bit else []
+        print(f"bench: running {name} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(argv, capture_output=True, text=True,
+                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            sys.exit(f"bench: {name} failed:\n{proc.stderr[-3000:]}")
+        results[name] = json.loads(line[len("BENCH_RESULT "):])
+    report(results, args)
+
+
+def report(results: dict, args: argparse.Namespace) -> None:
+    base = results.get("baseline")
+    cols = ("non-pad tok/s", "loss tok/s", "steps/s", "wall s", "peak GiB", "eval loss")
+    print(f"\n{'run':<16}" + "".join(f"{c:>15}" for c in cols))
+    for name, r in results.items():
+        row = (r["tokens_per_s"], r["loss_tokens_per_s"], r["steps_per_s"], r["wall_s"], r["peak_bytes"] / 2**30,
+               r["eval_loss"])
+        print(f"{name:<16}" + "".join(f"{v:>15.3f}" for v in row))
+    if base:
+        print(f"\n{'vs baseline':<16}" + "".join(f"{c:>15}" for c in cols[:5]))
+        for name, r in results.items():
+            ratios = (r["tokens_per_s"] / base["tokens_per_s"], r["loss_tokens_per_s"] / base["loss_tokens_per_s"],
+                      r["steps_per_s"] / base["steps_per_s"], r["wall_s"] / base["wall_s"],
+                      r["peak_bytes"] / base["peak_bytes"])
+            print(f"{name:<16}" + "".join(f"{v:>14.2f}x" for v in ratios))
+    device = results[next(iter(results))]["device"]
+    print(f"\ndevice: {device}; {args.examples} training conversations per run, eval on {args.eval_rows} held-out")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "worker"},
+                                          "date": time.strftime("%Y-%m-%d"), "results": results}, indent=2) + "\n")
+    print(f"results written to {args.out}")
+
+
+# ---------------------------------------------------------------- worker side: one run in this process
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import set_seed
+
+    from lora_cli.cli.common import quiet_libraries
+
+    quiet_libraries()
+    set_seed(0)
+    if args.worker == "baseline":
+        trainer, tokenizer = baseline_trainer(args)
+    else:
+        trainer, tokenizer = lora_train_trainer(args, fast=args.worker == "lora-train-fast")
+    meter = attach_meter(trainer)
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    measured = meter.measured()
+    cuda = torch.cuda.is_available()
+    result = {
+        "run": args.worker, "device": torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)",
+        "optimizer_steps": trainer.state.global_step, "wall_s": wall, **measured,
+        "peak_bytes": int(torch.cuda.max_memory_allocated()) if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "eval_loss": task_eval_loss(trainer.model, tokenizer, args),
+    }
+    if cuda:
+        result["mfu"] = mfu(trainer.model, result["tokens_per_s"])
+    return result
+
+
+class Meter:
+    """Tokens of each micro-step and the time at each optimizer step's end; step 1 is warm-up."""
+
+    def __init__(self):
+        self.step_times: list[float] = []
+        self.step_tokens: list[tuple[int, int]] = []
+        self._tokens = [0, 0]
+
+    def micro_step(self, inputs) -> None:
+        labels = inputs["labels"]
+        mask = inputs.get("attention_mask")
+        self._tokens[0] += int(mask.sum()) if mask is not None else int(labels.numel())
+        self._tokens[1] += int((labels[:, 1:] != -100).sum())
+
+    def step_end(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.step_times.append(time.perf_counter())
+        self.step_tokens.append(tuple(self._tokens))
+        self._tokens = [0, 0]
+
+    def measured(self) -> dict:
+        if len(self.step_times) < 2:
+            raise SystemExit("bench: need at least 2 optimizer steps (raise --examples)")
+        seconds = self.step_times[-1] - self.step_times[0]
+        tokens = sum(t for t, _ in self.step_tokens[1:])
+        loss_tokens = sum(t for _, t in self.step_tokens[1:])
+        steps = len(self.step_times) - 1
+        return {"measured_steps": steps, "measured_s": seconds, "tokens_per_s": tokens / seconds,
+                "loss_tokens_per_s": loss_tokens / seconds, "steps_per_s": steps / seconds}
+
+
+def attach_meter(trainer) -> Meter:
+    from transformers import TrainerCallback
+
+    meter = Meter()
+    original = trainer.training_step
+
+    def training_step(model, inputs, num_items_in_batch=None):
+        meter.micro_step(inputs)
+        return original(model, inputs, num_items_in_batch)
+
+    trainer.training_step = training_step
+
+    class StepEnd(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            meter.step_end()
+
+    trainer.add_callback(StepEnd())
+    return meter
+
+
+def baseline_trainer(args):
+    """The tutorial recipe, minimal and faithful: rendered text, no masking, batch 1, paged AdamW."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from lora_cli import data, models
+
+    base = models.resolve(args.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token, "right"
+    rows = data.load_conversations(args.train_path)[: args.examples]
+    text = [tokenizer.apply_chat_template(r.messages, tokenize=False) for r in rows]
+    cuda = torch.cuda.is_available()
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16,
+                               bnb_4bit_use_double_quant=True) if args.load_in_4bit else None
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float16 if cuda else torch.float32,
+                                                 quantization_config=quant,
+                                                 device_map={"": 0 if cuda else "cpu"} if quant else None)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    config = SFTConfig(output_dir=str(ROOT / "runs/bench-baseline"), per_device_train_batch_size=1,
+                       gradient_accumulation_steps=4, max_steps=args.examples // 4, learning_rate=1e-4,
+                       lr_scheduler_type="cosine", warmup_steps=0.03, optim="paged_adamw_32bit", packing=False,
+                       max_length=args.max_seq_length, fp16=cuda, bf16=False, use_cpu=not cuda, logging_steps=1000,
+                       save_strategy="no", report_to=[], dataset_text_field="text", seed=42)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_dict({"text": text}),
+                         processing_class=tokenizer, peft_config=lora)
+    return trainer, tokenizer
+
+
+def lora_train_trainer(args, fast: bool):
+    from lora_cli import config, models
+    from lora_cli.train import attach_lora, build_trainer, prepare
+
+    subset = ROOT / "runs" / f"bench-{os.getpid()}.jsonl"
+    subset.parent.mkdir(parents=True, exist_ok=True)
+    lines = [ln for ln in Path(args.train_path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    subset.write_text("\n".join(lines[: args.examples]) + "\n", encoding="utf-8")
+    effective = 16 if fast else 4
+    flags = ["--base_model", args.base_model, "--train_path", str(subset), "--output_dir",
+             str(ROOT / "runs/bench-lora-train"), "--max_seq_length", str(args.max_seq_length),
+             "--max_steps", str(args.examples // effective), "--logging_steps", "1000", "--save_steps", "100000"]
+    if fast:
+        flags += ["--batch_size", "16", "--gradient_accumulation_steps", "1", "--optim", "adamw_torch",
+                  "--learning_rate", "4e-4"]
+    if args.load_in_4bit:
+        flags += ["--load_in_4bit"]
+    cfg = config.parse_args(flags)
+    prepared = prepare(cfg)
+    precision = models.choose_precision(cfg.precision)
+    model = attach_lora(models.load_model(prepared.base, precision=precision, load_in_4bit=cfg.load_in_4bit), cfg)
+    subset.unlink()
+    return build_trainer(cfg, model, prepared, precision), prepared.tokenizer
+
+
+def task_eval_loss(model, tokenizer, args) -> float:
+    """Mean loss on the assistant tokens of held-out rows: the same number for every run, whatever it trained on."""
+    import torch
+
+    from lora_cli import chat, data
+
+    rows = data.load_conversations(args.eval_path)[: args.eval_rows]
+    device = next(model.parameters()).device
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            enc = chat.encode(tokenizer, row.messages)
+            ids = torch.tensor([enc.input_ids], device=device)
+            labels = torch.tensor([enc.labels], device=device)
+            n = int((labels[:, 1:] != chat.IGNORE_INDEX).sum())
+            total += float(model(input_ids=ids, labels=labels, use_cache=False).loss) * n
+            count += n
+    return total / count
+
+
+def mfu(model, tokens_per_s: float) -> float:
+    """Model FLOPs utilisation against an H100's dense bf16 peak. FLOPs per token with a frozen base: forward 2N plus
+    backward 2N (activation gradients only; no weight gradients for frozen weights), plus 6 per trainable LoRA
+    parameter, plus attention 12 * layers * hidden * seq / 2 (causal)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    cfg = model.config
+    attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * 2048 / 2
+    flops_per_token = 4 * (total - trainable) + 6 * trainable + attention
+    return tokens_per_s * flops_per_token / H100_BF16_DENSE_FLOPS
+
+
+if __name__ == "__main__":
+    main()
