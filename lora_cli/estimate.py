@@ -25,7 +25,7 @@ class Estimate:
 
     def lines(self) -> list[str]:
         rows = [("base weights", self.weights), ("adapter + gradients + optimizer", self.adapter_and_optimizer),
-                ("activations", self.activations), ("logits and their gradient (fp32)", self.logits),
+                ("activations", self.activations), ("logits at trained positions (fp32)", self.logits),
                 ("CUDA context and allocator slack", self.overhead)]
         return [f"  {name:<34} {size / GIB:7.2f} GiB" for name, size in rows] + [
             f"  {'total (estimate, +-30%)':<34} {self.total / GIB:7.2f} GiB"]
@@ -42,7 +42,7 @@ def meta_model(base_path: str, trust_remote_code: bool = False) -> Any:
 
 
 def estimate(model: Any, *, precision: str, quantization: str | None, optim: str, batch_size: int,
-             seq_len: int, gradient_checkpointing: bool) -> Estimate:
+             seq_len: int, gradient_checkpointing: bool, trained_fraction: float = 1.0) -> Estimate:
     """Memory of one training step on one GPU for a (meta) PeftModel with LoRA attached."""
     config = model.config
     hidden = config.hidden_size
@@ -71,5 +71,6 @@ def estimate(model: Any, *, precision: str, quantization: str | None, optim: str
     per_layer = tokens * (8 * hidden + 4 * intermediate) * act_bytes
     activations = (tokens * hidden * act_bytes * layers + per_layer if gradient_checkpointing
                    else per_layer * layers)
-    logits = tokens * vocab * 4 * 2
+    # TRL's fused LM head projects only the positions in the loss (in tiles), never the whole batch's logits.
+    logits = int(tokens * trained_fraction * vocab * 4 * 2)
     return Estimate(total, trainable, weights, adapter_and_optimizer, activations, logits)

@@ -72,7 +72,8 @@ def dry_run(cfg: TrainConfig, prepared: Prepared, precision: str) -> dict[str, A
     micro, accumulation, _ = micro_batching(cfg, stats.longest)
     gc = decide_gradient_checkpointing(cfg, model, precision, micro, seq_len)
     est = estimate.estimate(model, precision=precision, quantization=quantization(cfg), optim=cfg.optim,
-                            batch_size=micro, seq_len=seq_len, gradient_checkpointing=gc)
+                            batch_size=micro, seq_len=seq_len, gradient_checkpointing=gc,
+                            trained_fraction=stats.trained_tokens / max(1, stats.tokens))
     steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
         stats.kept / (cfg.batch_size * cfg.gradient_accumulation_steps) * cfg.num_train_epochs)
     log.info("dry run: %s optimizer steps of %d conversations (micro-batches of %d x accumulation %d)", steps,
