@@ -82,3 +82,15 @@ def load_adapter_tokenizer(adapter: Adapter, base: models.BaseModel, trust_remot
         return models.load_tokenizer(models.BaseModel(str(adapter.path), str(adapter.path), "folder"),
                                      trust_remote_code)
     return models.load_tokenizer(base, trust_remote_code)
+
+
+def load_adapter_weights(adapter: Adapter) -> dict[str, Any]:
+    """The adapter's tensors as peft saved them (keys start with base_model.model.), on the CPU."""
+    safetensors_file = adapter.path / ADAPTER_WEIGHTS
+    if safetensors_file.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(safetensors_file))
+    import torch
+
+    return torch.load(adapter.path / "adapter_model.bin", map_location="cpu", weights_only=True)
