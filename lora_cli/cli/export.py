@@ -1,13 +1,28 @@
-"""lora-export: not built yet."""
+"""lora-export: convert a merged model to a GGUF file (llama.cpp, Ollama, LM Studio) and check it loads back."""
 
 from __future__ import annotations
 
 import sys
 
 
+def _body(argv: list[str]) -> None:
+    from ..config import parse_args
+    from ..export import ExportConfig
+
+    cfg = parse_args(argv, cls=ExportConfig)
+    if not cfg.debug:
+        from .common import quiet_libraries
+
+        quiet_libraries()
+    from ..export import export  # torch, transformers and gguf load only once the arguments are known to be good
+
+    export(cfg)
+
+
 def main(argv: list[str] | None = None) -> None:
-    print("lora-export: not yet available in this version of lora_cli", file=sys.stderr)
-    sys.exit(1)
+    from .common import run_cli
+
+    sys.exit(run_cli("lora-export", argv, _body))
 
 
 if __name__ == "__main__":
