@@ -145,3 +145,16 @@ def test_interrupted_final_save_leaves_no_complete_looking_adapter(tiny_llama, d
     checkpoints.save_final(trainer, out)
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in out.iterdir()}
     assert not (out / ".final.partial").exists()
+
+
+def test_no_unsafe_loading_in_our_code():
+    # Pickles can run code: every torch.load of ours is weights_only, and remote model code stays off by default.
+    import re
+
+    from lora_cli.config import TrainConfig
+
+    for path in (ROOT / "lora_cli").rglob("*.py"):
+        for call in re.findall(r"torch\.load\([^)]*\)", path.read_text()):
+            assert "weights_only=True" in call, f"{path.name}: {call}"
+        assert "pickle.load" not in path.read_text(), path.name
+    assert TrainConfig().trust_remote_code is False
