@@ -130,13 +130,12 @@ def encode(tokenizer: Any, messages: list[dict], train_on_inputs: bool = False, 
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
     else:  # slow tokenizers have no offsets: encode piece by piece at the span boundaries
-        ids, offsets, pos = [], [], 0
+        ids, offsets = [], []
         cuts = sorted({0, len(text), *(s.start for s in spans), *(s.end for s in spans)})
         for a, b in zip(cuts, cuts[1:]):
             piece = tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
             ids += piece
-            offsets += [(a, a)] * len(piece)
-            pos = b
+            offsets += [(a, b)] * len(piece)  # pieces are cut at span boundaries: wholly in or out
     # A token overlapping a span is trained: with a generation prompt ending in a space ("assistant: "), the first
     # answer token (" Hello") starts inside the prompt and would otherwise never be learned.
     in_span = [any(start < s.end and max(end, start + 1) > s.start for s in spans) for start, end in offsets]

@@ -135,3 +135,20 @@ def test_first_answer_token_trained_when_the_prompt_ends_in_a_space(tokenizer):
     assert trained_runs(tok, enc) == [" Hello there, friend<|im_end|>"]
     one = encode(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Yes"}])
     assert trained_runs(tok, one) == [" Yes<|im_end|>"]
+
+
+def test_slow_tokenizer_path_trains_the_same_tokens(tokenizer):
+    # Tokenizers without offset mappings are encoded piece by piece at the span boundaries: same trained tokens.
+    class Slow:
+        is_fast = False
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, *args, **kwargs):
+            kwargs.pop("return_offsets_mapping", None)
+            return tokenizer(*args, **kwargs)
+
+    fast, slow = encode(tokenizer, CHAT), encode(Slow(), CHAT)
+    assert trained_runs(tokenizer, slow) == trained_runs(tokenizer, fast) == ["Paris<|im_end|>",
+                                                                                "Rome, of course.<|im_end|>"]
