@@ -67,10 +67,7 @@ def dry_run(cfg: TrainConfig, prepared: Prepared, precision: str) -> dict[str, A
 
     model = attach_lora(estimate.meta_model(prepared.base.path, cfg.trust_remote_code), cfg)
     stats = prepared.train_stats
-    longest = min(stats.longest, cfg.max_seq_length)
-    seq_len = cfg.max_seq_length if cfg.packing else longest
-    micro, accumulation, _ = micro_batching(cfg, stats.longest)
-    gc = decide_gradient_checkpointing(cfg, model, precision, micro, seq_len)
+    micro, accumulation, _, seq_len, gc = step_plan(cfg, model, precision, stats)
     est = estimate.estimate(model, precision=precision, quantization=quantization(cfg), optim=cfg.optim,
                             batch_size=micro, seq_len=seq_len, gradient_checkpointing=gc,
                             trained_fraction=stats.trained_tokens / max(1, stats.tokens))
@@ -87,6 +84,16 @@ def dry_run(cfg: TrainConfig, prepared: Prepared, precision: str) -> dict[str, A
 
 def quantization(cfg: TrainConfig) -> str | None:
     return "4bit" if cfg.load_in_4bit else "8bit" if cfg.load_in_8bit else None
+
+
+def step_plan(cfg: TrainConfig, model: Any, precision: str,
+              stats: EncodeStats) -> tuple[int, int, bool, int, bool]:
+    """(micro-batch, accumulation, padding-free, longest sequence, gradient checkpointing) of each optimizer step;
+    one function, so that --dry_run estimates exactly the run that training would do."""
+    micro, accumulation, padding_free = micro_batching(cfg, stats.longest)
+    seq_len = cfg.max_seq_length if cfg.packing else min(stats.longest, cfg.max_seq_length)
+    return micro, accumulation, padding_free, seq_len, decide_gradient_checkpointing(cfg, model, precision, micro,
+                                                                                      seq_len)
 
 
 def micro_batching(cfg: TrainConfig, longest: int) -> tuple[int, int, bool]:
@@ -277,9 +284,7 @@ def build_trainer(cfg: TrainConfig, model: Any, prepared: Prepared, precision: s
     from trl import SFTConfig
 
     has_eval = prepared.eval is not None
-    micro, accumulation, padding_free = micro_batching(cfg, prepared.train_stats.longest)
-    seq_len = cfg.max_seq_length if cfg.packing else min(prepared.train_stats.longest, cfg.max_seq_length)
-    checkpointing = decide_gradient_checkpointing(cfg, model, precision, micro, seq_len)
+    micro, accumulation, padding_free, _, checkpointing = step_plan(cfg, model, precision, prepared.train_stats)
     log.info("each optimizer step: %d conversations in %d %s micro-batch%s of %d%s", micro * accumulation,
              accumulation, "padding-free" if padding_free else "padded", "es" if accumulation > 1 else "", micro,
              ", gradient checkpointing" if checkpointing else "")
