@@ -67,8 +67,9 @@ class TrainConfig:
     load_in_4bit: bool = opt(False, "QLoRA: load the base model in 4-bit NF4 with double quantisation "
                                     "(bitsandbytes).", group="model")
     load_in_8bit: bool = opt(False, "Load the base model in 8-bit (bitsandbytes LLM.int8).", group="model")
-    precision: str = opt("auto", "Compute precision. auto: bf16 on GPUs that support it, else fp16 on GPU, fp32 on "
-                                 "CPU.", group="model", choices=("auto", "bf16", "fp16", "fp32"))
+    precision: str = opt("auto", "Compute precision (mixed: trained weights stay fp32). auto: bf16 on GPUs that "
+                                 "support it, else fp16 on GPU; on CPU bf16 where the cores have bf16 matrix "
+                                 "instructions (AMX, AVX512-BF16), else fp32.", group="model", choices=("auto", "bf16", "fp16", "fp32"))
     attn_implementation: str = opt("sdpa", "Attention kernel passed to transformers.", group="model",
                                    choices=("sdpa", "eager", "flash_attention_2", "flash_attention_3"))
 
@@ -89,6 +90,10 @@ class TrainConfig:
                              metavar="NAME|PATH")
     train_on_inputs: bool = opt(False, "Train on every token (system and user text too) instead of only the "
                                        "assistant turns and their end-of-turn token.", group="data")
+    data_cache: bool = opt(True, "Keep the tokenised rows in ~/.cache/lora_cli/datasets (or "
+                                 "$LORA_CLI_DATA_CACHE) and reuse them while the rows, tokenizer, chat template and "
+                                 "these data settings are unchanged; --no-data_cache always tokenises afresh.",
+                           group="data")
 
     # --- LoRA --------------------------------------------------------------------------------------------------------
     lora_r: int = opt(16, "LoRA rank.", group="lora")

@@ -102,7 +102,7 @@ def encode_rows(tokenizer: Any, rows: list[Conversation], *, max_seq_length: int
             columns["labels"].append(encoded.labels)
             if row_index:
                 columns["row"].append(index)
-    _report(stats, name, max_seq_length, truncation)
+    report(stats, name, max_seq_length, truncation)
     return columns, stats
 
 
@@ -111,7 +111,8 @@ def _note(stats: EncodeStats, where: str) -> None:
         stats.first_problem_rows.append(where)
 
 
-def _report(stats: EncodeStats, name: str, max_seq_length: int, truncation: str) -> None:
+def report(stats: EncodeStats, name: str, max_seq_length: int, truncation: str) -> None:
+    """Warn about what --max_seq_length and the loss mask did to the rows; DataError when none is left."""
     examples = f" (e.g. {', '.join(stats.first_problem_rows[:3])})" if stats.first_problem_rows else ""
     if stats.too_long:
         what = (f"dropped {stats.dropped_too_long}" if truncation == "drop" else

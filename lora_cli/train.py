@@ -16,7 +16,7 @@ from typing import Any
 
 from . import chat, checkpoints, config, data, models
 from .config import TrainConfig, split_list
-from .encode import EncodeStats, encode_rows
+from .encode import EncodeStats, encode_rows, report
 from .errors import UsageError
 
 log = logging.getLogger("lora_cli")
@@ -31,8 +31,8 @@ class Prepared:
 
     base: models.BaseModel
     tokenizer: Any
-    train: dict[str, list]
-    eval: dict[str, list] | None
+    train: Any  # datasets.Dataset with input_ids and labels
+    eval: Any
     train_stats: EncodeStats
     eval_stats: EncodeStats | None
 
@@ -41,7 +41,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     resuming = cfg.resume or bool(cfg.resume_from_checkpoint)
     check_output_dir(out, cfg.overwrite or resuming)
-    precision = models.choose_precision(cfg.precision)
+    precision = models.choose_precision(cfg.precision, cpu_bf16=True)
     check_quantization_available(cfg)
     prepared = prepare(cfg)
     if cfg.dry_run:
@@ -197,17 +197,37 @@ def prepare(cfg: TrainConfig) -> Prepared:
     base = models.resolve(cfg.base_model)
     tokenizer = models.load_tokenizer(base, cfg.trust_remote_code)
     chat.resolve_chat_template(tokenizer, cfg.chat_template)
-    encode = dict(tokenizer=tokenizer, max_seq_length=cfg.max_seq_length, truncation=cfg.truncation,
-                  train_on_inputs=cfg.train_on_inputs)
-    train_cols, train_stats = encode_rows(rows=train_rows, name=cfg.train_path, **encode)
+    train_cols, train_stats = encode_dataset(cfg, tokenizer, train_rows, cfg.train_path)
     eval_cols = eval_stats = None
     if eval_rows:
-        eval_cols, eval_stats = encode_rows(rows=eval_rows, name=cfg.eval_path or "validation split", **encode)
+        eval_cols, eval_stats = encode_dataset(cfg, tokenizer, eval_rows, cfg.eval_path or "validation split")
     log.info("data: %d training conversations (%s tokens, %s trained = %.0f%%, longest %d)%s", train_stats.kept,
              f"{train_stats.tokens:,}", f"{train_stats.trained_tokens:,}",
              100 * train_stats.trained_tokens / train_stats.tokens, train_stats.longest,
              f", {eval_stats.kept} evaluation conversations" if eval_stats else "")
     return Prepared(base, tokenizer, train_cols, eval_cols, train_stats, eval_stats)
+
+
+def encode_dataset(cfg: TrainConfig, tokenizer: Any, rows: list[data.Conversation],
+                   name: str) -> tuple[Any, EncodeStats]:
+    """The rows' token ids and labels as a Dataset: from the data cache when these rows were encoded before with
+    the same tokenizer, template and settings, else encoded now (and cached, except in a dry run)."""
+    from datasets import Dataset
+
+    from . import datacache
+
+    settings = dict(max_seq_length=cfg.max_seq_length, truncation=cfg.truncation, train_on_inputs=cfg.train_on_inputs)
+    digest = datacache.key(tokenizer, rows, settings) if cfg.data_cache else ""
+    cached = datacache.load(digest) if digest else None
+    if cached is not None:
+        dataset, stats = cached
+        report(stats, name, cfg.max_seq_length, cfg.truncation)  # the same warnings as when it was encoded
+        log.info("%s: tokenised rows reused from the data cache (%s)", name, datacache.root() / digest)
+        return dataset, stats
+    columns, stats = encode_rows(tokenizer, rows, name=name, **settings)
+    if digest and not cfg.dry_run:
+        return datacache.save(digest, columns, stats), stats
+    return Dataset.from_dict(columns), stats
 
 
 def attach_lora(model: Any, cfg: TrainConfig) -> Any:
@@ -251,6 +271,46 @@ def _trainer_class():
         keep_checkpoints = 0
         _staging: Path | None = None
 
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # TRL's fused LM head scores only the trained positions on Triton devices; elsewhere (CPU) it projects
+            # every position onto the vocabulary, in fp32, for the forward and twice in the backward. Here the
+            # model's own head projects only the positions that have a next-token label: the same loss, a fraction
+            # of the work. TRL's head stays where it is leaner (GPUs, or logits too large to hold).
+            compact = None if return_outputs else compact_loss_positions(model, inputs)
+            if compact is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            import torch
+
+            keep, targets = compact
+            forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            logits = model(**forward_inputs, use_cache=False, logits_to_keep=keep).logits.float()
+            logits = logits.reshape(-1, logits.size(-1))
+            per_token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+            loss = per_token.sum() / (max(1, targets.numel()) if num_items_in_batch is None else num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as TRL and Trainer: DDP averages the gradients
+            self._log_compact_metrics(logits.detach(), targets, inputs)
+            return loss
+
+        def _log_compact_metrics(self, logits, targets, inputs) -> None:
+            """The metrics TRL logs with its own head (token accuracy, entropy, tokens seen), from the kept logits."""
+            import torch
+
+            mode = "train" if self.model.training else "eval"
+            gather = self.accelerator.gather_for_metrics
+            log_probs = torch.log_softmax(logits, dim=-1)
+            valid = gather(torch.tensor(targets.numel(), device=logits.device)).sum()
+            correct = gather((logits.argmax(-1) == targets).sum()).sum()
+            entropy = gather(-(log_probs.exp() * log_probs).sum()).sum()
+            self._metrics[mode]["entropy"].append((entropy / valid).item() if valid > 0 else 0.0)
+            self._metrics[mode]["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
+            if mode == "train":
+                mask = inputs.get("attention_mask")
+                local = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel(),
+                                                                        device=logits.device)
+                self._total_train_tokens += int(gather(local).sum())
+                self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             trained = (inputs["labels"] != chat.IGNORE_INDEX).sum()
             self.trained_tokens += int(self.accelerator.reduce(trained, reduction="sum"))  # over all processes
@@ -279,8 +339,31 @@ def _trainer_class():
     return LoraSFTTrainer
 
 
+COMPACT_LOGITS_LIMIT = 1 << 27  # kept logits (512 MiB in fp32); beyond that TRL's tiled head holds less memory
+
+
+def compact_loss_positions(model: Any, inputs: dict[str, Any]) -> tuple[Any, Any] | None:
+    """(positions whose next token is trained, those tokens) for lora-train's compact loss, or None where TRL's fused
+    head is the better choice: on Triton devices (it compacts there itself), for models whose forward cannot keep
+    chosen positions, or when even the kept logits would be large."""
+    import inspect
+
+    labels = inputs.get("labels")
+    if labels is None or labels.device.type in ("cuda", "xpu"):
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return None
+    next_labels = labels[:, 1:]
+    trained = next_labels != chat.IGNORE_INDEX
+    if int(trained.sum()) * base.config.get_text_config().vocab_size > COMPACT_LOGITS_LIMIT:
+        return None
+    keep = labels.new_zeros(labels.shape, dtype=bool)
+    keep[:, :-1] = trained  # position t predicts token t + 1
+    return keep, next_labels[trained]
+
+
 def build_trainer(cfg: TrainConfig, model: Any, prepared: Prepared, precision: str) -> Any:
-    from datasets import Dataset
     from trl import SFTConfig
 
     has_eval = prepared.eval is not None
@@ -323,9 +406,7 @@ def build_trainer(cfg: TrainConfig, model: Any, prepared: Prepared, precision: s
         dataset_num_proc=None,
         model_init_kwargs=None,
     )
-    train_ds = Dataset.from_dict(prepared.train)
-    eval_ds = Dataset.from_dict(prepared.eval) if has_eval else None
-    trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+    trainer = _trainer_class()(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
                                processing_class=prepared.tokenizer)
     trainer.keep_checkpoints = cfg.save_total_limit
     _use_compact_progress(trainer)

@@ -34,6 +34,14 @@ CHAT = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def own_data_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Each test tokenises into a data cache of its own (never the user's, never another test's)."""
+    path = tmp_path_factory.mktemp("datacache")
+    monkeypatch.setenv("LORA_CLI_DATA_CACHE", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def demo_dir() -> Path:
     from lora_cli.models import demo_model_dir

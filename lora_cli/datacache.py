@@ -1,0 +1,91 @@
+"""Tokenised training data kept across runs: a dataset is encoded once per (rows, tokenizer, chat template, encoding
+settings, encoding code) and memory-mapped afterwards, so sweeps, resumed runs and every process of a multi-GPU
+launch skip the tokenisation (datasets' own cache does not apply: our rows are encoded before they become a
+Dataset)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .data import Conversation
+from .encode import EncodeStats
+
+log = logging.getLogger("lora_cli")
+
+FORMAT = 1  # bump when the stored layout changes
+STATS = "encode_stats.json"
+
+
+def root() -> Path:
+    """$LORA_CLI_DATA_CACHE, else the datasets folder of lora_cli's cache ($LORA_CLI_CACHE, ~/.cache/lora_cli)."""
+    from .models import cache_dir
+
+    return Path(os.environ["LORA_CLI_DATA_CACHE"]).expanduser() if os.environ.get("LORA_CLI_DATA_CACHE") else \
+        cache_dir() / "datasets"
+
+
+def key(tokenizer: Any, rows: list[Conversation], settings: dict[str, Any]) -> str:
+    """A digest of everything the encoded columns depend on; any change gives a new entry."""
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for module in ("chat.py", "encode.py"):  # the encoding rules themselves
+        h.update((here / module).read_bytes())
+    h.update(json.dumps({"format": FORMAT, "settings": settings, "class": type(tokenizer).__name__,
+                         "template": getattr(tokenizer, "chat_template", None),
+                         "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
+                         "added": {i: str(t) for i, t in tokenizer.added_tokens_decoder.items()}},
+                        sort_keys=True, default=str).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # vocabulary, merges, normaliser, post-processor
+    h.update(backend.to_str().encode() if backend is not None else
+             json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    for row in rows:
+        h.update(json.dumps([row.where, row.messages], ensure_ascii=False, sort_keys=True, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:32]
+
+
+def load(digest: str) -> tuple[Any, EncodeStats] | None:
+    """The cached columns (a memory-mapped Dataset) and their counts, or None when absent or unreadable."""
+    path = root() / digest
+    if not (path / STATS).is_file():
+        return None
+    from datasets import Dataset
+
+    try:
+        stats = EncodeStats(**json.loads((path / STATS).read_text(encoding="utf-8")))
+        return Dataset.load_from_disk(str(path / "data")), stats
+    except Exception as exc:  # a damaged entry is rebuilt, never trusted
+        log.warning("ignoring unreadable data cache %s (%s); tokenising again", path, exc)
+        return None
+
+
+def save(digest: str, columns: dict[str, list], stats: EncodeStats) -> Any:
+    """Store the columns and return them as a Dataset; the entry appears whole or not at all (written aside, then
+    renamed), so concurrent processes and interrupted runs never leave a half entry that would be read."""
+    from datasets import Dataset, Features, Sequence, Value
+
+    features = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32"))})
+    dataset = Dataset.from_dict(columns, features=features)
+    final = root() / digest
+    staging = None
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=final.parent))
+        dataset.save_to_disk(str(staging / "data"))
+        (staging / STATS).write_text(json.dumps(stats.as_dict()) + "\n", encoding="utf-8")
+        os.rename(staging, final)  # fails when another process stored the same entry first: theirs is kept
+        staging = None
+    except OSError as exc:
+        if not final.is_dir():  # a read-only or full cache disk must not stop training
+            log.warning("could not write the data cache in %s (%s); continuing without it", final.parent, exc)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return dataset
