@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import chat, checkpoints, config, data, models
+from . import attention, chat, checkpoints, config, data, models
 from .config import TrainConfig, split_list
 from .encode import EncodeStats, encode_rows, report
 from .errors import UsageError
@@ -368,9 +368,12 @@ def build_trainer(cfg: TrainConfig, model: Any, prepared: Prepared, precision: s
 
     has_eval = prepared.eval is not None
     micro, accumulation, padding_free, _, checkpointing = step_plan(cfg, model, precision, prepared.train_stats)
-    log.info("each optimizer step: %d conversations in %d %s micro-batch%s of %d%s", micro * accumulation,
+    per_sequence = padding_free and attention.use_per_sequence_sdpa(model)
+    if precision in ("bf16", "fp16") and not cfg.use_dora:
+        keep_adapter_inputs_in_compute_dtype(model)
+    log.info("each optimizer step: %d conversations in %d %s micro-batch%s of %d%s%s", micro * accumulation,
              accumulation, "padding-free" if padding_free else "padded", "es" if accumulation > 1 else "", micro,
-             ", gradient checkpointing" if checkpointing else "")
+             ", gradient checkpointing" if checkpointing else "", ", sdpa per conversation" if per_sequence else "")
     args = SFTConfig(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=micro,
@@ -419,6 +422,15 @@ def build_trainer(cfg: TrainConfig, model: Any, prepared: Prepared, precision: s
                  args.world_size, cfg.batch_size * cfg.gradient_accumulation_steps * args.world_size,
                  cfg.batch_size, cfg.gradient_accumulation_steps, args.world_size)
     return trainer
+
+
+def keep_adapter_inputs_in_compute_dtype(model: Any) -> None:
+    """Under autocast the adapter matmuls run in bf16/fp16 whatever their input; peft still copies every LoRA input to
+    fp32 (the adapter weights' dtype) first, and those copies are kept for the backward: about a third of the
+    activation memory, for the same result."""
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
 
 
 def _liger_available() -> bool:

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -43,6 +44,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--max_seq_length", type=int, default=2048)
     p.add_argument("--load_in_4bit", action="store_true", help="QLoRA (NF4) in every run")
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
+    p.add_argument("--flags", default="", help="extra lora-train flags for the lora-train runs, e.g. "
+                                               "'--gradient_checkpointing --tokens_per_batch 4096'")
     p.add_argument("--out", default=str(ROOT / "runs/bench.json"))
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     return p.parse_args()
@@ -226,7 +229,7 @@ def lora_train_trainer(args, fast: bool):
         flags += ["--lora_dropout", "0", "--optim", "adamw_torch"]
     if args.load_in_4bit:
         flags += ["--load_in_4bit"]
-    cfg = config.parse_args(flags)
+    cfg = config.parse_args(flags + shlex.split(args.flags))
     prepared = prepare(cfg)
     precision = models.choose_precision(cfg.precision, cpu_bf16=True)
     model = attach_lora(models.load_model(prepared.base, precision=precision, load_in_4bit=cfg.load_in_4bit), cfg)
@@ -242,6 +245,8 @@ def task_eval_loss(model, tokenizer, args) -> float:
 
     rows = data.load_conversations(args.eval_path)[: args.eval_rows]
     device = next(model.parameters()).device
+    if not args.load_in_4bit:
+        model.float()  # runs trained in bf16 or fp16 are scored in fp32 like the others (bf16 -> fp32 is exact)
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():

@@ -133,7 +133,7 @@ def test_scored_labels_are_lora_trains(tiny_llama, chat_file, tmp_path, truncati
     trained = train_prepare(config.parse_args([*common, "--train_path", str(data), "--output_dir",
                                                str(tmp_path / "out")]))
     scored = evaluate.prepare(eval_config(*common, "--output", str(tmp_path / "r.json")))
-    assert scored.loss == trained.eval
+    assert scored.loss == trained.eval.to_dict()
     assert len(scored.rows) == len(scored.prompts) == len(scored.references) == len(trained.eval["labels"])
     assert len(scored.rows) == len(rows) - (truncation == "drop")
 

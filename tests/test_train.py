@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from lora_cli import config, models
+from lora_cli import attention, config, models
 from lora_cli.chat import IGNORE_INDEX, encode
 from lora_cli.train import attach_lora, build_trainer, prepare
 
@@ -96,6 +96,8 @@ def test_padded_padding_free_and_packed_batches_give_the_same_loss(tiny_llama, c
     _, _, free = build(tiny_llama, chat_file, tmp_path / "b")  # the default: padding-free micro-batches
     _, _, packed = build(tiny_llama, chat_file, tmp_path / "c", "--packing")
     assert not padded.data_collator.padding_free and free.data_collator.padding_free
+    assert free.model.get_base_model().config._attn_implementation == attention.NAME  # sdpa once per conversation
+    assert padded.model.get_base_model().config._attn_implementation == "sdpa"
     examples = [{"input_ids": prepared.train["input_ids"][i], "labels": prepared.train["labels"][i]} for i in (0, 3)]
     losses = []
     for trainer in (padded, free, packed):
@@ -109,6 +111,29 @@ def test_padded_padding_free_and_packed_batches_give_the_same_loss(tiny_llama, c
                              labels=batch["labels"], use_cache=False).loss
     for loss in losses:
         torch.testing.assert_close(loss, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_per_sequence_sdpa_equals_the_block_diagonal_mask_in_logits_and_gradients(tiny_llama, tokenizer):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    rows = [encode(tokenizer, CHAT), encode(tokenizer, CHAT[1:3]), encode(tokenizer, CHAT[3:])]
+    batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(
+        [{"input_ids": r.input_ids, "labels": r.labels} for r in rows])
+    results = []
+    for per_sequence in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa")
+        assert attention.use_per_sequence_sdpa(model) if per_sequence else True
+        out = model(**batch, use_cache=False)
+        out.loss.backward()
+        results.append((out.logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (masked, masked_grads), (split, split_grads) = results
+    torch.testing.assert_close(split, masked, atol=1e-5, rtol=1e-5)
+    for name, grad in masked_grads.items():
+        torch.testing.assert_close(split_grads[name], grad, atol=1e-5, rtol=1e-4)
+    # Sliding-window attention limits attention inside a conversation too: such models keep the masked sdpa.
+    assert not attention.supported(LlamaConfig(sliding_window=64))
+    assert attention.supported(LlamaConfig())
 
 
 def test_micro_batches_keep_the_effective_batch(tiny_llama, chat_file, tmp_path):
