@@ -67,9 +67,8 @@ class TrainConfig:
     load_in_4bit: bool = opt(False, "QLoRA: load the base model in 4-bit NF4 with double quantisation "
                                     "(bitsandbytes).", group="model")
     load_in_8bit: bool = opt(False, "Load the base model in 8-bit (bitsandbytes LLM.int8).", group="model")
-    precision: str = opt("auto", "Compute precision (mixed: trained weights stay fp32). auto: bf16 on GPUs that "
-                                 "support it, else fp16 on GPU; on CPU bf16 where the cores have bf16 matrix "
-                                 "instructions (AMX, AVX512-BF16), else fp32.", group="model", choices=("auto", "bf16", "fp16", "fp32"))
+    precision: str = opt("auto", "Compute precision (bf16/fp16 are mixed: the adapter weights stay fp32). auto: bf16 "
+                                 "on GPUs that support it, else fp16 on GPU, fp32 on CPU.", group="model", choices=("auto", "bf16", "fp16", "fp32"))
     attn_implementation: str = opt("sdpa", "Attention kernel passed to transformers.", group="model",
                                    choices=("sdpa", "eager", "flash_attention_2", "flash_attention_3"))
 

@@ -41,7 +41,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     resuming = cfg.resume or bool(cfg.resume_from_checkpoint)
     check_output_dir(out, cfg.overwrite or resuming)
-    precision = models.choose_precision(cfg.precision, cpu_bf16=True)
+    precision = models.choose_precision(cfg.precision)
     check_quantization_available(cfg)
     prepared = prepare(cfg)
     if cfg.dry_run:

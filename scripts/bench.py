@@ -231,7 +231,7 @@ def lora_train_trainer(args, fast: bool):
         flags += ["--load_in_4bit"]
     cfg = config.parse_args(flags + shlex.split(args.flags))
     prepared = prepare(cfg)
-    precision = models.choose_precision(cfg.precision, cpu_bf16=True)
+    precision = models.choose_precision(cfg.precision)
     model = attach_lora(models.load_model(prepared.base, precision=precision, load_in_4bit=cfg.load_in_4bit), cfg)
     subset.unlink()
     return build_trainer(cfg, model, prepared, precision), prepared.tokenizer
