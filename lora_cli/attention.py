@@ -27,12 +27,24 @@ def sdpa_per_sequence(module: Any, query: Any, key: Any, value: Any, attention_m
     bounds = kwargs.pop("cu_seq_lens_q", None)
     if bounds is None or query.shape[0] != 1 or attention_mask is not None or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    cuts = bounds.tolist()
+    cuts = _cuts(bounds)
     if len(cuts) <= 2:  # one sequence: one call
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
     parts = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
              for a, b in zip(cuts, cuts[1:]) if b > a]
     return torch.cat(parts, dim=1), None  # (batch, tokens, heads, head dim), as sdpa_attention_forward returns
+
+
+_last: tuple[Any, list[int]] = (None, [])
+
+
+def _cuts(bounds: Any) -> list[int]:
+    """The sequence boundaries as ints, read once per forward: every layer gets the same tensor, and reading a GPU
+    tensor waits for the GPU."""
+    global _last
+    if _last[0] is not bounds:
+        _last = (bounds, bounds.tolist())
+    return _last[1]
 
 
 def supported(config: Any) -> bool:

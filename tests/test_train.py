@@ -113,6 +113,37 @@ def test_padded_padding_free_and_packed_batches_give_the_same_loss(tiny_llama, c
         torch.testing.assert_close(loss, plain, atol=1e-5, rtol=1e-5)
 
 
+def test_compact_loss_and_trls_fused_head_equal_the_plain_loss_and_gradients(tiny_llama, chat_file, tmp_path,
+                                                                             monkeypatch):
+    import lora_cli.train as train_module
+
+    _, prepared, trainer = build(tiny_llama, chat_file, tmp_path / "out", "--lora_dropout", "0")
+    model = trainer.model
+    with torch.no_grad():  # non-zero adapter weights, so that every adapter matrix gets a gradient
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    batch = trainer.data_collator([prepared.train[i] for i in range(4)])
+    assert train_module.compact_loss_positions(model, batch) is not None  # on CPU: lora-train's compact loss
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain = loss_and_grads(lambda: model(**batch, use_cache=False).loss)  # full logits, transformers' loss
+    compact = loss_and_grads(lambda: trainer.compute_loss(model, dict(batch)))
+    monkeypatch.setattr(train_module, "COMPACT_LOGITS_LIMIT", 0)  # what GPUs use: TRL's tiled head
+    assert train_module.compact_loss_positions(model, batch) is None
+    fused = loss_and_grads(lambda: trainer.compute_loss(model, dict(batch)))
+    for loss, grads in (compact, fused):
+        torch.testing.assert_close(loss, plain[0], atol=1e-5, rtol=1e-5)
+        for name, grad in plain[1].items():
+            torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-4)
+    assert trainer._metrics["train"]["mean_token_accuracy"]  # the compact loss logs TRL's metrics too
+
+
 def test_per_sequence_sdpa_equals_the_block_diagonal_mask_in_logits_and_gradients(tiny_llama, tokenizer):
     from transformers import AutoModelForCausalLM, LlamaConfig
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
