@@ -22,7 +22,7 @@ STAGING = ".checkpoint.partial"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Settings that may change between a run and its resume without changing what is learned.
 RESUMABLE_CHANGES = {"output_dir", "overwrite", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                     "report_to", "data_cache"}
+                     "report_to", "data_cache", "attn_implementation"}
 # Files a finished run leaves in the output dir (besides the tokenizer); cleared by --overwrite.
 FINAL_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_metrics.json", "README.md")
 

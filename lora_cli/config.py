@@ -69,8 +69,10 @@ class TrainConfig:
     load_in_8bit: bool = opt(False, "Load the base model in 8-bit (bitsandbytes LLM.int8).", group="model")
     precision: str = opt("auto", "Compute precision (bf16/fp16 are mixed: the adapter weights stay fp32). auto: bf16 "
                                  "on GPUs that support it, else fp16 on GPU, fp32 on CPU.", group="model", choices=("auto", "bf16", "fp16", "fp32"))
-    attn_implementation: str = opt("sdpa", "Attention kernel passed to transformers.", group="model",
-                                   choices=("sdpa", "eager", "flash_attention_2", "flash_attention_3"))
+    attn_implementation: str = opt("auto", "Attention kernel passed to transformers. auto: flash_attention_2 on "
+                                           "CUDA when the flash-attn package is installed, else sdpa (run once per "
+                                           "conversation in padding-free batches).", group="model",
+                                   choices=("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"))
 
     # --- data --------------------------------------------------------------------------------------------------------
     train_path: str = opt("", "Training data (required): .jsonl/.json/.parquet/.csv with OpenAI messages, "

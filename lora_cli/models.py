@@ -188,8 +188,8 @@ def load_model(base: BaseModel, *, precision: str, load_in_4bit: bool = False, l
     from transformers import AutoModelForCausalLM
 
     dtype = torch_dtype(precision)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code,
-                              "attn_implementation": attn_implementation}
+    chosen = choose_attention(attn_implementation, precision)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "attn_implementation": chosen}
     if load_in_4bit or load_in_8bit:
         from transformers import BitsAndBytesConfig
 
@@ -201,12 +201,32 @@ def load_model(base: BaseModel, *, precision: str, load_in_4bit: bool = False, l
         if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
             kwargs["device_map"] = {"": _local_device()}
     try:
-        return AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
+        try:
+            return AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
+        except (ImportError, ValueError) as exc:
+            if chosen == attn_implementation:
+                raise
+            log.warning("flash_attention_2 not usable with this model (%s); using sdpa", " ".join(str(exc).split()))
+            return AutoModelForCausalLM.from_pretrained(base.path, **{**kwargs, "attn_implementation": "sdpa"})
     except ImportError as exc:
         raise UsageError(f"--attn_implementation {attn_implementation} or quantisation is not available: {exc}") \
             from None
     except (OSError, ValueError) as exc:
         raise _load_error(base, exc) from None
+
+
+def choose_attention(requested: str, precision: str) -> str:
+    """auto: flash_attention_2 on CUDA in bf16/fp16 when the flash-attn package is installed (its varlen kernel
+    attends within each conversation of a padding-free batch natively), else sdpa."""
+    if requested != "auto":
+        return requested
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and precision in ("bf16", "fp16") and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def _local_device() -> Any:

@@ -167,6 +167,26 @@ def test_per_sequence_sdpa_equals_the_block_diagonal_mask_in_logits_and_gradient
     assert attention.supported(LlamaConfig())
 
 
+def test_attention_auto_is_flash_attention_on_cuda_when_installed_else_sdpa(tiny_llama, monkeypatch, caplog):
+    import importlib.util
+    import logging
+
+    assert models.choose_attention("auto", "fp32") == "sdpa"  # here: CPU
+    assert models.choose_attention("eager", "bf16") == "eager"  # an explicit choice is kept
+    real_find_spec = importlib.util.find_spec
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.cuda, "is_available", lambda: True)
+        patched.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else
+                        real_find_spec(name, *a))
+        assert models.choose_attention("auto", "bf16") == "flash_attention_2"
+        assert models.choose_attention("auto", "fp32") == "sdpa"  # flash-attention needs bf16/fp16
+    # auto falls back to sdpa when flash-attention cannot load; an explicit request fails instead.
+    monkeypatch.setattr(models, "choose_attention", lambda requested, precision: "flash_attention_2")
+    with caplog.at_level(logging.WARNING, logger="lora_cli"):
+        model = models.load_model(models.resolve(str(tiny_llama)), precision="fp32", attn_implementation="auto")
+    assert model.config._attn_implementation == "sdpa" and "using sdpa" in caplog.text
+
+
 def test_micro_batches_keep_the_effective_batch(tiny_llama, chat_file, tmp_path):
     from lora_cli.train import micro_batching
 
