@@ -20,7 +20,8 @@ NAME = "lora_cli_sdpa_per_sequence"
 
 def sdpa_per_sequence(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any):
     """transformers attention function: sdpa per packed sequence of a padding-free row (query: batch, heads, tokens,
-    head dim); batches without sequence boundaries go to plain sdpa, causal."""
+    head dim); batches without sequence boundaries go to plain sdpa, causal. transformers builds no attention mask
+    for an implementation it does not know, so this is for padding-free training only: use_plain_sdpa undoes it."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -71,3 +72,10 @@ def use_per_sequence_sdpa(model: Any) -> bool:
         log.debug("per-sequence sdpa not used: %s", exc)
         return False
     return base.config._attn_implementation == NAME
+
+
+def use_plain_sdpa(model: Any) -> None:
+    """Back to transformers' sdpa, which honours attention masks (padded batches, generation)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config._attn_implementation == NAME:
+        base.set_attn_implementation("sdpa")

@@ -40,7 +40,10 @@ def key(tokenizer: Any, rows: list[Conversation], settings: dict[str, Any]) -> s
     h.update(json.dumps({"format": FORMAT, "settings": settings, "class": type(tokenizer).__name__,
                          "template": getattr(tokenizer, "chat_template", None),
                          "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
-                         "added": {i: str(t) for i, t in tokenizer.added_tokens_decoder.items()}},
+                         "added": {i: str(t) for i, t in tokenizer.added_tokens_decoder.items()},
+                         "init": {k: v for k, v in getattr(tokenizer, "init_kwargs", {}).items()
+                                  if k not in ("name_or_path", "tokenizer_file", "vocab_file", "merges_file")},
+                         "libraries": _versions("transformers", "tokenizers", "jinja2", "sentencepiece")},
                         sort_keys=True, default=str).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)  # vocabulary, merges, normaliser, post-processor
     h.update(backend.to_str().encode() if backend is not None else
@@ -51,19 +54,44 @@ def key(tokenizer: Any, rows: list[Conversation], settings: dict[str, Any]) -> s
     return h.hexdigest()[:32]
 
 
-def load(digest: str) -> tuple[Any, EncodeStats] | None:
-    """The cached columns (a memory-mapped Dataset) and their counts, or None when absent or unreadable."""
-    path = root() / digest
-    if not (path / STATS).is_file():
-        return None
-    from datasets import Dataset
+def _versions(*packages: str) -> dict[str, str | None]:
+    """Library versions that decide how text and templates tokenise."""
+    from importlib.metadata import PackageNotFoundError, version
 
+    found: dict[str, str | None] = {}
+    for name in packages:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def load(digest: str) -> tuple[Any, EncodeStats] | None:
+    """The cached columns (a memory-mapped Dataset) and their counts, or None when absent or unreadable (a damaged
+    entry is removed so that this run's encoding replaces it)."""
+    path = root() / digest
     try:
+        if not path.exists():
+            return None
+        from datasets import Dataset
+
         stats = EncodeStats(**json.loads((path / STATS).read_text(encoding="utf-8")))
         return Dataset.load_from_disk(str(path / "data")), stats
-    except Exception as exc:  # a damaged entry is rebuilt, never trusted
-        log.warning("ignoring unreadable data cache %s (%s); tokenising again", path, exc)
+    except Exception as exc:  # never trusted when it does not read back whole
+        log.warning("ignoring unreadable data cache %s (%s); tokenising again", path, " ".join(str(exc).split()))
+        _discard(path)
         return None
+
+
+def _discard(path: Path) -> None:
+    """Remove an entry: renamed aside first, so no other process reads it half deleted."""
+    aside = path.with_name(f".{path.name}-discarded-{os.getpid()}")
+    try:
+        os.rename(path, aside)
+    except OSError:  # gone already, or not ours to remove
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def save(digest: str, columns: dict[str, list], stats: EncodeStats) -> Any:
@@ -78,6 +106,9 @@ def save(digest: str, columns: dict[str, list], stats: EncodeStats) -> Any:
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=final.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; a shared cache must be readable by its users
         dataset.save_to_disk(str(staging / "data"))
         (staging / STATS).write_text(json.dumps(stats.as_dict()) + "\n", encoding="utf-8")
         os.rename(staging, final)  # fails when another process stored the same entry first: theirs is kept

@@ -59,7 +59,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model = attach_lora(model, cfg)
     check_disk_space(out, model, cfg.save_total_limit)
     trainer = build_trainer(cfg, model, prepared, precision)
-    return run_training(cfg, trainer, prepared, out, resume_from, data_hashes)
+    try:
+        return run_training(cfg, trainer, prepared, out, resume_from, data_hashes)
+    finally:
+        restore_for_inference(model)
 
 
 def dry_run(cfg: TrainConfig, prepared: Prepared, precision: str) -> dict[str, Any]:
@@ -212,10 +215,11 @@ def encode_dataset(cfg: TrainConfig, tokenizer: Any, rows: list[data.Conversatio
                    name: str) -> tuple[Any, EncodeStats]:
     """The rows' token ids and labels as a Dataset: from the data cache when these rows were encoded before with
     the same tokenizer, template and settings, else encoded now (and cached, except in a dry run)."""
-    from datasets import Dataset
+    from datasets import Dataset, disable_caching
 
     from . import datacache
 
+    disable_caching()  # TRL's later maps (packing) go to temporary files, never into a shared cache entry
     settings = dict(max_seq_length=cfg.max_seq_length, truncation=cfg.truncation, train_on_inputs=cfg.train_on_inputs)
     digest = datacache.key(tokenizer, rows, settings) if cfg.data_cache else ""
     cached = datacache.load(digest) if digest else None
@@ -267,6 +271,7 @@ def _trainer_class():
         atomically (transformers writes them in place and prunes old ones before the new one is whole)."""
 
         trained_tokens = 0  # in this process
+        compact_loss_usable = True
         trained_tokens_resumed = 0  # before the checkpoint this run resumed from
         keep_checkpoints = 0
         _staging: Path | None = None
@@ -276,14 +281,21 @@ def _trainer_class():
             # every position onto the vocabulary, in fp32, for the forward and twice in the backward. Here the
             # model's own head projects only the positions that have a next-token label: the same loss, a fraction
             # of the work. TRL's head stays where it is leaner (GPUs, or logits too large to hold).
-            compact = None if return_outputs else compact_loss_positions(model, inputs)
+            # MoE models keep TRL's head, which adds the router's load-balancing loss.
+            usable = self.compact_loss_usable and not return_outputs and not self.aux_loss_enabled
+            compact = compact_loss_positions(model, inputs) if usable else None
             if compact is None:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             import torch
 
             keep, targets = compact
             forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-            logits = model(**forward_inputs, use_cache=False, logits_to_keep=keep).logits.float()
+            try:
+                logits = model(**forward_inputs, use_cache=False, logits_to_keep=keep).logits.float()
+            except (IndexError, TypeError) as exc:  # a model whose forward takes only an int logits_to_keep
+                log.debug("compact loss not supported by this model (%s); using TRL's head", exc)
+                self.compact_loss_usable = False
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             logits = logits.reshape(-1, logits.size(-1))
             per_token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
             loss = per_token.sum() / (max(1, targets.numel()) if num_items_in_batch is None else num_items_in_batch)
@@ -298,10 +310,13 @@ def _trainer_class():
 
             mode = "train" if self.model.training else "eval"
             gather = self.accelerator.gather_for_metrics
-            log_probs = torch.log_softmax(logits, dim=-1)
+            entropy = torch.zeros((), device=logits.device)
+            for rows in logits.split(4096):  # a log-softmax copy of a few rows at a time, not of all of them
+                log_probs = torch.log_softmax(rows, dim=-1)
+                entropy -= (log_probs.exp() * log_probs).sum()
             valid = gather(torch.tensor(targets.numel(), device=logits.device)).sum()
             correct = gather((logits.argmax(-1) == targets).sum()).sum()
-            entropy = gather(-(log_probs.exp() * log_probs).sum()).sum()
+            entropy = gather(entropy).sum()
             self._metrics[mode]["entropy"].append((entropy / valid).item() if valid > 0 else 0.0)
             self._metrics[mode]["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
             if mode == "train":
@@ -422,6 +437,15 @@ def build_trainer(cfg: TrainConfig, model: Any, prepared: Prepared, precision: s
                  args.world_size, cfg.batch_size * cfg.gradient_accumulation_steps * args.world_size,
                  cfg.batch_size, cfg.gradient_accumulation_steps, args.world_size)
     return trainer
+
+
+def restore_for_inference(model: Any) -> None:
+    """Undo build_trainer's training-only settings (per-conversation attention needs the collator's sequence
+    boundaries; uncast adapter inputs need autocast), for code that keeps using the model after training."""
+    attention.use_plain_sdpa(model)
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = True
 
 
 def keep_adapter_inputs_in_compute_dtype(model: Any) -> None:

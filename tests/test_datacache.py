@@ -55,14 +55,49 @@ def test_anything_the_encoding_depends_on_gives_a_new_entry(tiny_llama, chat_fil
     assert _entries(own_data_cache) == keys
 
 
-def test_a_changed_tokenizer_is_a_different_key(tokenizer, llama3_tokenizer, chat_file):
+def test_a_changed_tokenizer_is_a_different_key(tokenizer, llama3_tokenizer, chat_file, demo_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
     from lora_cli.data import load_conversations
 
     rows = load_conversations(str(chat_file))
     settings = {"max_seq_length": 2048, "truncation": "drop", "train_on_inputs": False}
-    assert datacache.key(tokenizer, rows, settings) == datacache.key(tokenizer, rows, dict(settings))
-    assert datacache.key(tokenizer, rows, settings) != datacache.key(llama3_tokenizer, rows, settings)
-    assert datacache.key(tokenizer, rows, settings) != datacache.key(tokenizer, rows[:-1], settings)
+    key = datacache.key(tokenizer, rows, settings)
+    assert key == datacache.key(AutoTokenizer.from_pretrained(demo_dir), rows, dict(settings))
+    assert key != datacache.key(llama3_tokenizer, rows, settings)
+    assert key != datacache.key(tokenizer, rows[:-1], settings)
+    # A setting held only by the Python tokenizer that changes the ids.
+    assert key != datacache.key(AutoTokenizer.from_pretrained(demo_dir, split_special_tokens=True), rows, settings)
+    monkeypatch.setattr(datacache, "_versions", lambda *names: {"transformers": "0.0"})  # another library version
+    assert key != datacache.key(tokenizer, rows, settings)
+
+
+def test_entries_are_readable_by_other_users_of_a_shared_cache(tiny_llama, chat_file, tmp_path, own_data_cache):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        _prepare(tiny_llama, chat_file, tmp_path / "a")
+    finally:
+        os.umask(old)
+    (entry,) = _entries(own_data_cache)
+    assert stat.S_IMODE((own_data_cache / entry).stat().st_mode) == 0o755
+
+
+def test_packing_writes_nothing_into_the_cache_entry(tiny_llama, chat_file, tmp_path, own_data_cache):
+    from lora_cli import models
+    from lora_cli.train import attach_lora, build_trainer
+
+    _prepare(tiny_llama, chat_file, tmp_path / "a", "--max_seq_length", "256")
+    (entry,) = _entries(own_data_cache)
+    before = sorted(p.name for p in (own_data_cache / entry).rglob("*"))
+    cfg = config.parse_args(["--base_model", str(tiny_llama), "--train_path", str(chat_file), "--output_dir",
+                             str(tmp_path / "b"), *TINY_TRAIN, "--packing", "--max_seq_length", "256"])
+    prepared = prepare(cfg)
+    build_trainer(cfg, attach_lora(models.load_model(prepared.base, precision="fp32"), cfg), prepared, "fp32")
+    assert prepared.train.cache_files  # read from the entry, and packed by TRL...
+    assert sorted(p.name for p in (own_data_cache / entry).rglob("*")) == before  # ...without writing into it
 
 
 def test_warnings_are_repeated_from_the_cache(tiny_llama, tmp_path, caplog):
@@ -87,6 +122,11 @@ def test_damaged_entry_is_rebuilt(tiny_llama, chat_file, tmp_path, own_data_cach
         again = _prepare(tiny_llama, chat_file, tmp_path / "b")
     assert "ignoring unreadable data cache" in caplog.text
     assert _columns(again) == _columns(first)
+    caplog.clear()  # the damaged entry was replaced by a whole one
+    with caplog.at_level(logging.INFO, logger="lora_cli"):
+        third = _prepare(tiny_llama, chat_file, tmp_path / "c")
+    assert "reused from the data cache" in caplog.text and "unreadable" not in caplog.text
+    assert _columns(third) == _columns(first) and _entries(own_data_cache) == [entry]
 
 
 def test_no_data_cache_and_dry_run_write_nothing(tiny_llama, chat_file, tmp_path, own_data_cache, capsys):

@@ -142,6 +142,28 @@ def test_compact_loss_and_trls_fused_head_equal_the_plain_loss_and_gradients(tin
         for name, grad in plain[1].items():
             torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-4)
     assert trainer._metrics["train"]["mean_token_accuracy"]  # the compact loss logs TRL's metrics too
+    # MoE models keep TRL's head, which adds the router's load-balancing loss.
+    monkeypatch.setattr(train_module, "COMPACT_LOGITS_LIMIT", 1 << 27)
+    monkeypatch.setattr(trainer, "aux_loss_enabled", True)
+    monkeypatch.setattr(train_module, "compact_loss_positions", lambda *a: pytest.fail("compact loss used for MoE"))
+    monkeypatch.setattr(type(trainer).__mro__[1], "compute_loss", lambda self, *a, **k: torch.tensor(1.0))
+    assert float(trainer.compute_loss(model, dict(batch))) == 1.0
+
+
+def test_training_only_settings_are_undone_after_training(tiny_llama, chat_file, tmp_path):
+    from lora_cli.train import restore_for_inference
+
+    cfg = config.parse_args(["--base_model", str(tiny_llama), "--train_path", str(chat_file), "--output_dir",
+                             str(tmp_path / "o"), *TINY_TRAIN])
+    prepared = prepare(cfg)
+    model = attach_lora(models.load_model(prepared.base, precision="bf16"), cfg)
+    build_trainer(cfg, model, prepared, "bf16")
+    flags = lambda: {m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")}
+    assert model.get_base_model().config._attn_implementation == attention.NAME and flags() == {False}
+    restore_for_inference(model)  # train() does this when it returns or fails
+    assert model.get_base_model().config._attn_implementation == "sdpa" and flags() == {True}
+    with torch.no_grad():  # usable outside the trainer's autocast, with padding masks honoured
+        model(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([[0, 1, 1]]))
 
 
 def test_per_sequence_sdpa_equals_the_block_diagonal_mask_in_logits_and_gradients(tiny_llama, tokenizer):
