@@ -385,7 +385,7 @@ def build_trainer(cfg: TrainConfig, model: Any, prepared: Prepared, precision: s
     micro, accumulation, padding_free, _, checkpointing = step_plan(cfg, model, precision, prepared.train_stats)
     per_sequence = padding_free and attention.use_per_sequence_sdpa(model)
     if precision in ("bf16", "fp16") and not cfg.use_dora:
-        keep_adapter_inputs_in_compute_dtype(model)
+        cast_adapter_inputs(model, False)
     log.info("each optimizer step: %d conversations in %d %s micro-batch%s of %d%s%s", micro * accumulation,
              accumulation, "padding-free" if padding_free else "padded", "es" if accumulation > 1 else "", micro,
              ", gradient checkpointing" if checkpointing else "", ", sdpa per conversation" if per_sequence else "")
@@ -443,18 +443,16 @@ def restore_for_inference(model: Any) -> None:
     """Undo build_trainer's training-only settings (per-conversation attention needs the collator's sequence
     boundaries; uncast adapter inputs need autocast), for code that keeps using the model after training."""
     attention.use_plain_sdpa(model)
-    for module in model.modules():
-        if hasattr(module, "cast_input_dtype_enabled"):
-            module.cast_input_dtype_enabled = True
+    cast_adapter_inputs(model, True)
 
 
-def keep_adapter_inputs_in_compute_dtype(model: Any) -> None:
-    """Under autocast the adapter matmuls run in bf16/fp16 whatever their input; peft still copies every LoRA input to
-    fp32 (the adapter weights' dtype) first, and those copies are kept for the backward: about a third of the
-    activation memory, for the same result."""
+def cast_adapter_inputs(model: Any, enabled: bool) -> None:
+    """peft's copy of every LoRA input to the adapter weights' dtype (fp32). Under autocast the adapter matmuls run in
+    bf16/fp16 whatever their input, and the copies kept for the backward are about a third of the activation memory:
+    build_trainer turns them off for bf16/fp16 runs, restore_for_inference back on."""
     for module in model.modules():
         if hasattr(module, "cast_input_dtype_enabled"):
-            module.cast_input_dtype_enabled = False
+            module.cast_input_dtype_enabled = enabled
 
 
 def _liger_available() -> bool:
