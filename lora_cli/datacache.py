@@ -74,8 +74,9 @@ def load(digest: str) -> tuple[Any, EncodeStats] | None:
     try:
         if not path.exists():
             return None
-        from datasets import Dataset
+        from datasets import Dataset, disable_caching
 
+        disable_caching()  # maps on a file-backed dataset (TRL's packing) go to temporary files, not into the entry
         stats = EncodeStats(**json.loads((path / STATS).read_text(encoding="utf-8")))
         return Dataset.load_from_disk(str(path / "data")), stats
     except Exception as exc:  # never trusted when it does not read back whole

@@ -215,11 +215,10 @@ def encode_dataset(cfg: TrainConfig, tokenizer: Any, rows: list[data.Conversatio
                    name: str) -> tuple[Any, EncodeStats]:
     """The rows' token ids and labels as a Dataset: from the data cache when these rows were encoded before with
     the same tokenizer, template and settings, else encoded now (and cached, except in a dry run)."""
-    from datasets import Dataset, disable_caching
+    from datasets import Dataset
 
     from . import datacache
 
-    disable_caching()  # TRL's later maps (packing) go to temporary files, never into a shared cache entry
     settings = dict(max_seq_length=cfg.max_seq_length, truncation=cfg.truncation, train_on_inputs=cfg.train_on_inputs)
     digest = datacache.key(tokenizer, rows, settings) if cfg.data_cache else ""
     cached = datacache.load(digest) if digest else None
