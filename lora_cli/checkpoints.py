@@ -92,7 +92,8 @@ def resume_problems(saved_config: dict[str, Any], current: dict[str, Any], saved
                 if key not in RESUMABLE_CHANGES and saved_config.get(key) != current.get(key)]
     problems += [f"the --{role} data changed since the checkpoint (sha256 {saved_data.get(role, 'none')[:12]} -> "
                  f"{current_data.get(role, 'none')[:12]})"
-                 for role in sorted(set(saved_data) | set(current_data)) if saved_data.get(role) != current_data.get(role)]
+                 for role in sorted(set(saved_data) | set(current_data))
+                 if saved_data.get(role) != current_data.get(role)]
     return problems
 
 

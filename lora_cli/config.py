@@ -68,7 +68,8 @@ class TrainConfig:
                                     "(bitsandbytes).", group="model")
     load_in_8bit: bool = opt(False, "Load the base model in 8-bit (bitsandbytes LLM.int8).", group="model")
     precision: str = opt("auto", "Compute precision (bf16/fp16 are mixed: the adapter weights stay fp32). auto: bf16 "
-                                 "on GPUs that support it, else fp16 on GPU, fp32 on CPU.", group="model", choices=("auto", "bf16", "fp16", "fp32"))
+                                 "on GPUs that support it, else fp16 on GPU, fp32 on CPU.", group="model",
+                         choices=("auto", "bf16", "fp16", "fp32"))
     attn_implementation: str = opt("auto", "Attention kernel passed to transformers. auto: flash_attention_2 on "
                                            "CUDA when the flash-attn package is installed, else sdpa (run once per "
                                            "conversation in padding-free batches).", group="model",

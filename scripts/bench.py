@@ -2,7 +2,8 @@
 """Side-by-side training benchmark: the typical tutorial recipe against lora-train, same machine, data and model.
 
     python scripts/bench.py                       # demo model, sample data, CPU or GPU (a few minutes on CPU)
-    python scripts/bench.py --base_model DIR --train_path d.jsonl --eval_path e.jsonl --examples 256 --max_seq_length 2048
+    python scripts/bench.py --base_model DIR --train_path d.jsonl --eval_path e.jsonl --examples 256 \
+        --max_seq_length 2048
 
 Runs (each in its own process, so peak memory is its own):
   baseline          TRL SFTTrainer on rendered text, packing=False, batch 1 x accumulation 4, paged AdamW, loss on all
