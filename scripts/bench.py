@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Side-by-side training benchmark: the typical tutorial recipe against lora-train, same machine, data and model.
+r"""Side-by-side training benchmark: the typical tutorial recipe against lora-train, same machine, data and model.
 
     python scripts/bench.py                       # demo model, sample data, CPU or GPU (a few minutes on CPU)
     python scripts/bench.py --base_model DIR --train_path d.jsonl --eval_path e.jsonl --examples 256 \
