@@ -315,6 +315,13 @@ def validate(cfg: Any) -> list[str]:
     return errors + cfg.problems()
 
 
+def data_file_problem(flag: str, path: str, required: bool) -> str | None:
+    """What is wrong with a data-file flag (lora-train, lora-eval, lora-data): missing when required, or no file."""
+    if not path:
+        return f"--{flag} is required (a .jsonl/.json/.parquet/.csv chat dataset)" if required else None
+    return None if os.path.isfile(path) else f"--{flag}: file not found: {path}"
+
+
 def _train_problems(cfg: TrainConfig) -> list[str]:
     errors: list[str] = []
 
@@ -324,12 +331,8 @@ def _train_problems(cfg: TrainConfig) -> list[str]:
         errors.append("--resume and --overwrite both set: resuming keeps the output dir, overwriting clears it")
     if cfg.resume_from_checkpoint and not os.path.isdir(cfg.resume_from_checkpoint):
         errors.append(f"--resume_from_checkpoint: folder not found: {cfg.resume_from_checkpoint}")
-    if not cfg.train_path:
-        errors.append("--train_path is required (a .jsonl/.json/.parquet/.csv chat dataset)")
-    for flag in ("train_path", "eval_path"):
-        path = getattr(cfg, flag)
-        if path and not os.path.isfile(path):
-            errors.append(f"--{flag}: file not found: {path}")
+    errors += filter(None, (data_file_problem("train_path", cfg.train_path, required=True),
+                            data_file_problem("eval_path", cfg.eval_path, required=False)))
     if cfg.eval_path and cfg.val_split > 0:
         errors.append("--eval_path and --val_split both set: choose one source of evaluation data")
     if not 0 <= cfg.val_split < 1:

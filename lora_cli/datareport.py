@@ -19,7 +19,7 @@ from typing import Any
 
 from . import chat, data, models
 from .chat import IGNORE_INDEX
-from .config import opt
+from .config import data_file_problem, opt
 from .data import Conversation
 from .encode import KEPT, NO_TRAINED_TOKENS, TOO_LONG, TRUNCATED, EncodedRow, EncodeStats, encode_row
 from .errors import DataError
@@ -98,11 +98,8 @@ class DataConfig:
     debug: bool = opt(False, "Show full tracebacks and library warnings.", group="run")
 
     def problems(self) -> list[str]:
-        errors: list[str] = []
-        if not self.train_path:
-            errors.append("--train_path is required (a .jsonl/.json/.parquet/.csv chat dataset)")
-        elif not os.path.isfile(self.train_path):
-            errors.append(f"--train_path: file not found: {self.train_path}")
+        problem = data_file_problem("train_path", self.train_path, required=True)
+        errors: list[str] = [problem] if problem else []
         if self.max_seq_length <= 0:
             errors.append(f"--max_seq_length: must be > 0, got {self.max_seq_length}")
         if self.show < 0:

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 from . import chat, data, models
 from .adapters import Adapter, load_adapter_tokenizer, read_adapter
-from .config import opt, split_list
+from .config import data_file_problem, opt, split_list
 from .encode import EncodeStats, encode_rows
 from .errors import DataError, UsageError
 
@@ -90,11 +90,8 @@ class EvalConfig:
         return split_list(self.adapter)
 
     def problems(self) -> list[str]:
-        errors: list[str] = []
-        if not self.eval_path:
-            errors.append("--eval_path is required (a .jsonl/.json/.parquet/.csv chat dataset)")
-        elif not os.path.isfile(self.eval_path):
-            errors.append(f"--eval_path: file not found: {self.eval_path}")
+        problem = data_file_problem("eval_path", self.eval_path, required=True)
+        errors: list[str] = [problem] if problem else []
         paths = self.adapter_paths
         errors += [f"--adapter {p}: given twice" for p in dict.fromkeys(paths) if paths.count(p) > 1]
         for path in dict.fromkeys(paths):
