@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from lora_cli import export as E
+from lora_cli.export import command as export_command, go_template, ollama
+from lora_cli.export import tensors as export_tensors, verify as export_verify, vocab as export_vocab
 from lora_cli.config import parse_args
 from lora_cli.errors import UsageError
 
@@ -46,7 +48,7 @@ def _modelfile(path: Path) -> dict:
 
 def _ollama_render(modelfile: dict, messages: list[dict]) -> str:
     """What Ollama sends to the model: the TEMPLATE applied to the messages, the Modelfile's SYSTEM as the default."""
-    return E.render_go_template(modelfile["template"], E.ollama_data(messages, modelfile["system"]))
+    return go_template.render_go_template(modelfile["template"], ollama.ollama_data(messages, modelfile["system"]))
 
 
 def _assert_modelfile_matches_jinja(modelfile: dict, tokenizer, bos: str = "") -> None:
@@ -101,8 +103,8 @@ def test_tiny_llama_q8_0_round_trip(tiny_llama, tmp_path):
     assert verification["passed"], verification
     assert report["tensor_types"] == {"Q8_0": 16, "F32": 5}
     logits = verification["logits"]
-    assert 0 < logits["max_rel_logit_diff"] < E.TOLERANCES["q8_0"]["max_rel_logit_diff"]
-    assert logits["max_kl"] < E.TOLERANCES["q8_0"]["max_kl"]
+    assert 0 < logits["max_rel_logit_diff"] < export_verify.TOLERANCES["q8_0"]["max_rel_logit_diff"]
+    assert logits["max_kl"] < export_verify.TOLERANCES["q8_0"]["max_kl"]
     assert _metadata(tmp_path / "tiny-q8.gguf")["general.file_type"] == 7
     assert report["size_bytes"] < 1.1 * report["parameters"] + 2**21  # 8.5 bits a weight, plus the vocabulary
 
@@ -184,7 +186,7 @@ def test_rope_permutation_is_what_transformers_undoes():
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
     w = np.arange(8 * 16 * 3, dtype=np.float32).reshape(8 * 16, 3)  # 8 heads of 16 rows
-    permuted = E.rope_rows_to_pairs(w, 8)
+    permuted = export_tensors.rope_rows_to_pairs(w, 8)
     assert not np.array_equal(permuted, w)
     assert np.array_equal(LlamaTensorProcessor()._reverse_permute_weights(permuted, 8, 8), w)
     assert list(permuted[:4, 0] // 3) == [0, 8, 1, 9]  # head 0: row i of the first half, then row i of the second
@@ -197,21 +199,21 @@ def _pre(*steps: dict) -> dict:
 def test_pre_tokenizer_names():
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
     split = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}
-    for name, regex in E.PRE_TOKENIZER_SPLITS.items():
+    for name, regex in export_vocab.PRE_TOKENIZER_SPLITS.items():
         step = {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
-        assert E.pre_tokenizer_name(_pre(step, split)) == name
-    assert E.pre_tokenizer_name(_pre(byte_level)) == "gpt2"
-    assert E.pre_tokenizer_name(_pre({"type": "Digits", "individual_digits": True}, byte_level)) == "smollm"
+        assert export_vocab.pre_tokenizer_name(_pre(step, split)) == name
+    assert export_vocab.pre_tokenizer_name(_pre(byte_level)) == "gpt2"
+    assert export_vocab.pre_tokenizer_name(_pre({"type": "Digits", "individual_digits": True}, byte_level)) == "smollm"
     with pytest.raises(UsageError, match="pre-tokenizer Metaspace"):
-        E.pre_tokenizer_name(_pre({"type": "Metaspace"}))
+        export_vocab.pre_tokenizer_name(_pre({"type": "Metaspace"}))
     with pytest.raises(UsageError, match="Split"):
         step = {"type": "Split", "pattern": {"Regex": r"\w+"}, "behavior": "Isolated", "invert": False}
-        E.pre_tokenizer_name(_pre(step, split))
+        export_vocab.pre_tokenizer_name(_pre(step, split))
 
 
 def test_pre_tokenizer_regexes_match_what_transformers_loads():
     mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
-    for name, regex in E.PRE_TOKENIZER_SPLITS.items():
+    for name, regex in export_vocab.PRE_TOKENIZER_SPLITS.items():
         assert mapping.GGUF_PRE_TOKENIZER_SPLITS[name] == regex
 
 
@@ -226,21 +228,21 @@ def _with_template(tokenizer, template: str):
 def test_inst_template_without_system_turn(tokenizer):
     """[INST] templates (Llama-2/Mistral style) drop system messages and end assistant turns with EOS."""
     tok = _with_template(tokenizer, INST_TEMPLATE)
-    shape = E.chat_shape(tok, adds_bos=False)
+    shape = ollama.chat_shape(tok, adds_bos=False)
     assert shape.system is None and shape.generation == ""
     assert shape.user == ("[INST] ", " [/INST]") and shape.assistant == (" ", tok.eos_token)
-    template = E.go_template(shape)
-    assert E.check_translation(tok, shape, template) > 5
-    assert E.stop_tokens(tok, shape) == [tok.eos_token]
+    template = ollama.go_template(shape)
+    assert ollama.check_translation(tok, shape, template) > 5
+    assert ollama.stop_tokens(tok, shape) == [tok.eos_token]
 
 
 def test_bos_in_template_is_left_to_the_runtime(llama3_tokenizer):
     """When llama.cpp adds BOS itself, the TEMPLATE must not write it a second time."""
     tok = _with_template(llama3_tokenizer, "{{ bos_token }}" + LLAMA3_TEMPLATE)
-    shape = E.chat_shape(tok, adds_bos=True)
-    assert shape.dropped_bos == tok.bos_token and not E.go_template(shape).startswith(tok.bos_token)
-    kept = E.chat_shape(tok, adds_bos=False)
-    assert kept.dropped_bos == "" and E.go_template(kept).startswith(tok.bos_token)
+    shape = ollama.chat_shape(tok, adds_bos=True)
+    assert shape.dropped_bos == tok.bos_token and not ollama.go_template(shape).startswith(tok.bos_token)
+    kept = ollama.chat_shape(tok, adds_bos=False)
+    assert kept.dropped_bos == "" and ollama.go_template(kept).startswith(tok.bos_token)
 
 
 def test_system_turn_written_even_when_empty(llama3_tokenizer):
@@ -250,10 +252,10 @@ def test_system_turn_written_even_when_empty(llama3_tokenizer):
                 "{{ '<|start_header_id|>system<|end_header_id|>\\n\\nToday Date: 26 Jul 2024\\n\\n' + system + "
                 "'<|eot_id|>' }}" + LLAMA3_TEMPLATE)
     tok = _with_template(llama3_tokenizer, template)
-    shape = E.chat_shape(tok, adds_bos=True)
+    shape = ollama.chat_shape(tok, adds_bos=True)
     assert shape.system_always and shape.default_system == "" and shape.dropped_bos == tok.bos_token
-    go = E.go_template(shape)
-    assert go.startswith("<|start_header_id|>system") and E.check_translation(tok, shape, go) > 5
+    go = ollama.go_template(shape)
+    assert go.startswith("<|start_header_id|>system") and ollama.check_translation(tok, shape, go) > 5
 
 
 @pytest.mark.parametrize("template, why", [
@@ -268,7 +270,7 @@ def test_system_turn_written_even_when_empty(llama3_tokenizer):
 ])
 def test_untranslatable_templates_are_refused(tokenizer, template, why):
     with pytest.raises(UsageError, match=why):
-        E.chat_shape(_with_template(tokenizer, template), adds_bos=False)
+        ollama.chat_shape(_with_template(tokenizer, template), adds_bos=False)
 
 
 def test_untranslatable_template_exits_2_before_writing(tiny_llama, tmp_path, capsys):
@@ -289,16 +291,16 @@ def test_go_renderer():
                 '{{- range $i, $m := .Messages }}|{{ $i }}:{{ $m.Role }}={{ .Content }}'
                 '{{ if and (ne .Role "user") (eq (len (slice $.Messages $i)) 1) }}!{{ end }}{{ end -}}\n'
                 '{{ "}} literal {{" }}{{ index .Messages 1 "Content" }}{{ not .System }}')
-    assert E.render_go_template(template, data) == "two|0:user=a|1:assistant=b!}} literal {{btrue"
+    assert go_template.render_go_template(template, data) == "two|0:user=a|1:assistant=b!}} literal {{btrue"
 
 
 def test_template_text_with_braces_or_trailing_space_is_quoted():
-    shape = E.ChatShape(pre="", system=("{sys}\n", "\n"), user=("U: ", "\n\n"), assistant=("A: ", "\n"),
+    shape = ollama.ChatShape(pre="", system=("{sys}\n", "\n"), user=("U: ", "\n\n"), assistant=("A: ", "\n"),
                         generation="")
-    template = E.go_template(shape)
+    template = ollama.go_template(shape)
     assert '{{ "{sys}\\n" }}' in template and '{{ "\\n\\n" }}' in template
-    data = E.ollama_data([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
-    assert E.render_go_template(template, data) == "{sys}\ns\nU: u\n\n"
+    data = ollama.ollama_data([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+    assert go_template.render_go_template(template, data) == "{sys}\ns\nU: u\n\n"
 
 
 # --- verification and bad inputs ------------------------------------------------------------------------------------
@@ -307,9 +309,9 @@ def test_compare_logits_gates():
     import torch
 
     reference = [torch.tensor([[1.0, 2.0, 3.0], [0.0, 5.0, -5.0]])]
-    close = E.compare_logits(reference, [reference[0] + 1e-3], E.TOLERANCES["f16"])
+    close = export_verify.compare_logits(reference, [reference[0] + 1e-3], export_verify.TOLERANCES["f16"])
     assert close["passed"] and close["max_rel_logit_diff"] == pytest.approx(1e-3 / 5, rel=1e-3)
-    far = E.compare_logits(reference, [reference[0].flip(-1)], E.TOLERANCES["q8_0"])
+    far = export_verify.compare_logits(reference, [reference[0].flip(-1)], export_verify.TOLERANCES["q8_0"])
     assert not far["passed"] and far["max_rel_logit_diff"] == 1.0 and far["top1_agreement"] == 0.5
 
 
@@ -318,9 +320,9 @@ def test_failed_verification_exits_1_and_keeps_the_file(tiny_llama, tmp_path, mo
                                              "chat_template_preserved": True, "checked_by_transformers": True,
                                              "passed": True},
               "logits": {"positions": 9, "max_abs_logit_diff": 3.0, "logit_scale": 10.0, "max_rel_logit_diff": 0.3,
-                         "mean_kl": 0.1, "max_kl": 0.5, "top1_agreement": 0.5, "tolerance": E.TOLERANCES["f16"],
+                         "mean_kl": 0.1, "max_kl": 0.5, "top1_agreement": 0.5, "tolerance": export_verify.TOLERANCES["f16"],
                          "passed": False}}
-    monkeypatch.setattr(E, "verify", lambda *args: failed)
+    monkeypatch.setattr(export_command, "verify", lambda *args: failed)
     out = tmp_path / "bad.gguf"
     assert _main([str(tiny_llama), str(out)]) == 1
     err = capsys.readouterr().err

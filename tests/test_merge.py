@@ -90,14 +90,14 @@ def state_dict(out: Path) -> dict[str, torch.Tensor]:
 def _fast_verification():
     """Tiny models: one thread is as fast as two and immune to other processes on the same cores; shorter greedy
     answers still show whether merged and base+adapter agree."""
-    from lora_cli import merge as merge_module
+    from lora_cli.merge import verify as merge_verify
 
-    threads, tokens = torch.get_num_threads(), merge_module.MAX_NEW_TOKENS
+    threads, tokens = torch.get_num_threads(), merge_verify.MAX_NEW_TOKENS
     torch.set_num_threads(1)
-    merge_module.MAX_NEW_TOKENS = 12
+    merge_verify.MAX_NEW_TOKENS = 12
     yield
     torch.set_num_threads(threads)
-    merge_module.MAX_NEW_TOKENS = tokens
+    merge_verify.MAX_NEW_TOKENS = tokens
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +279,9 @@ def test_nf4_simulation_rounds_exactly_the_layers_qlora_quantises(tiny_llama):
     from safetensors.torch import load_file
 
     from lora_cli import models
-    from lora_cli.merge import build_skeleton, nf4_module_names, nf4_round_trip
+    from lora_cli.merge.arithmetic import nf4_round_trip
+    from lora_cli.merge.command import build_skeleton
+    from lora_cli.merge.plan import nf4_module_names
 
     base = models.resolve(str(tiny_llama))
     four_bit = models.load_model(base, precision="fp32", load_in_4bit=True)
@@ -358,25 +360,25 @@ def test_existing_out_dir_needs_overwrite_and_is_replaced_whole(adapter, tmp_pat
 
 
 def test_interrupted_merge_leaves_no_out_dir(adapter, tmp_path, monkeypatch):
-    from lora_cli import merge as merge_module
+    from lora_cli.merge import command
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(merge_module, "write_tokenizer_and_generation", crash)
+    monkeypatch.setattr(command, "write_tokenizer_and_generation", crash)
     assert merge(adapter, tmp_path / "m") == 130
     assert list(tmp_path.iterdir()) == []
 
 
 def test_verification_failure_exits_1_and_keeps_the_report(adapter, tmp_path, monkeypatch, capsys):
-    from lora_cli import merge as merge_module
+    from lora_cli.merge import arithmetic
 
-    real = merge_module.merged_weight
+    real = arithmetic.merged_weight
 
     def half_scale(weight, module):  # a merge bug: half the adapter
         return (weight.float() + real(weight, module)) / 2
 
-    monkeypatch.setattr(merge_module, "merged_weight", half_scale)
+    monkeypatch.setattr(arithmetic, "merged_weight", half_scale)
     assert merge(adapter, tmp_path / "m") == 1
     assert "verification failed" in _one_error_line(capsys)
     v = report(tmp_path / "m")["verification"]

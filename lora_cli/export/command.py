@@ -1,0 +1,122 @@
+"""lora-export's command: plan, write under a temporary name, verify, rename into place, report."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import RunFailure, UsageError
+from ..verification import fits_in_memory
+from .config import ExportConfig, modelfile_path
+from .gguf_writer import write_gguf
+from .ollama import ollama_modelfile
+from .source import Source, open_source
+from .tensors import PlannedTensor, plan_tensors
+from .verify import log_verification, verify
+from .vocab import Vocab, build_vocab
+
+log = logging.getLogger("lora_cli")
+
+
+def load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # noqa: BLE001 - missing files and broken configs raise many types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UsageError(f"MODEL_DIR {folder}: cannot load its tokenizer ({first})") from None
+
+
+def check_disk_space(out: Path, plan: list[PlannedTensor]) -> None:
+    import shutil
+
+    need = sum(t.nbytes for t in plan)
+    free = shutil.disk_usage(out.parent).free
+    if free < need * 1.05:
+        raise RunFailure(f"OUT {out}: the GGUF needs about {need / 2**30:.2f} GiB, only {free / 2**30:.2f} GiB free "
+                         "on that disk")
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def export(cfg: ExportConfig) -> dict[str, Any]:
+    """Write OUT (and the Modelfile), verify, report. Returns the report; RunFailure when verification fails."""
+    start = time.perf_counter()
+    folder, out = Path(cfg.model_dir), Path(cfg.out)
+    source = open_source(folder)
+    tokenizer = load_tokenizer(folder)
+    vocab = build_vocab(tokenizer, source.config.vocab_size)
+    modelfile = ollama_modelfile(tokenizer, vocab, out, folder) if cfg.ollama else None  # refuse before writing
+    plan = plan_tensors(source, cfg.outtype)
+    parameters = sum(math.prod(t.shape) for t in plan)
+    log.info("exporting %s (%s, %d layers, %.1fM parameters) to %s as %s", folder, source.config.model_type,
+             source.config.num_hidden_layers, parameters / 1e6, out, cfg.outtype)
+    log.info("tokenizer: byte-level BPE, %d tokens (%d added, %d placeholders), %d merges, pre-tokenizer %s; %s; "
+             "add BOS %s; chat template %s", len(vocab.tokens), vocab.added, vocab.padded, len(vocab.merges),
+             vocab.pre, ", ".join(f"{k} {vocab.tokens[v]}" for k, v in vocab.special.items()),
+             "on" if vocab.add_bos else "off", "kept" if vocab.chat_template else "none (llama.cpp will guess)")
+    report: dict[str, Any] = {"model_dir": str(folder), "out": str(out), "outtype": cfg.outtype,
+                              "architecture": source.arch.gguf, "tensors": len(plan), "parameters": parameters}
+    report.update(write_verified(cfg, source, plan, tokenizer, vocab))
+    if modelfile is not None:
+        _write_text_atomically(modelfile_path(out), modelfile.text)
+        report["modelfile"] = str(modelfile_path(out))
+        log.info("wrote %s (TEMPLATE%s, stop %s): ollama create %s -f %s", modelfile_path(out),
+                 ", default SYSTEM prompt" if modelfile.shape.default_system else "", " ".join(modelfile.stops),
+                 modelfile.name, modelfile_path(out))
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    verification = report["verification"]
+    failed = not verification.get("skipped") and not verification["passed"]
+    log.info("done: %s (%.1f MiB, %s) in %.1f s; %s", out, report["size_bytes"] / 2**20, cfg.outtype,
+             report["seconds"], "not verified" if verification.get("skipped") else
+             "VERIFICATION FAILED" if failed else "verified")
+    if failed:
+        raise RunFailure(f"verification failed: {out} differs from {folder} beyond tolerance for {cfg.outtype} "
+                         "(numbers above)")
+    return report
+
+
+def write_verified(cfg: ExportConfig, source: Source, plan: list[PlannedTensor], tokenizer: Any,
+                   vocab: Vocab) -> dict[str, Any]:
+    """Write the GGUF under a temporary name next to OUT, verify it, then rename it to OUT (also when verification
+    fails, as lora-merge does: the numbers say what is wrong, the file lets one look)."""
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_disk_space(out, plan)
+    # Named per process rather than by mkstemp, whose private 0600 mode the finished file would keep.
+    tmp = out.with_name(f".{out.stem}.partial-{os.getpid()}.gguf")
+    try:
+        write_gguf(tmp, source, plan, vocab, cfg.outtype, source.folder.resolve().name)
+        counts: dict[str, int] = {}
+        for t in plan:
+            counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
+        size = tmp.stat().st_size
+        log.info("wrote %d tensors (%s), %.1f MiB", len(plan), ", ".join(f"{n} {k}" for k, n in counts.items()),
+                 size / 2**20)
+        verification = _verify_or_skip(cfg, source, tmp, tokenizer, vocab, sum(math.prod(t.shape) for t in plan))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"tensor_types": counts, "size_bytes": size, "verification": verification}
+
+
+def _verify_or_skip(cfg: ExportConfig, source: Source, path: Path, tokenizer: Any, vocab: Vocab,
+                    parameters: int) -> dict[str, Any]:
+    if not cfg.verify:
+        return {"skipped": "--no-verify"}
+    if not fits_in_memory(parameters * 4 * 2):  # fp32 weights, twice while transformers dequantises the GGUF
+        reason = f"the model needs about {parameters * 12 / 2**30:.1f} GiB to verify, more than is available"
+        log.warning("verification skipped: %s", reason)
+        return {"skipped": reason}
+    result = verify(source, path, tokenizer, vocab, cfg.outtype)
+    log_verification(result, cfg.outtype)
+    return result

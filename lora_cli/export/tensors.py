@@ -1,0 +1,110 @@
+"""The GGUF's tensors: llama.cpp names, layout and types, read one at a time from the source."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import RunFailure, UsageError
+from .source import Source
+
+
+@dataclass
+class PlannedTensor:
+    name: str  # GGUF name, e.g. blk.0.attn_q.weight
+    source: str  # HF name, e.g. model.layers.0.self_attn.q_proj.weight
+    shape: tuple[int, ...]  # HF (row-major) shape; GGUF lists dimensions the other way round, the writer flips them
+    qtype: Any  # gguf.GGMLQuantizationType
+
+    @property
+    def nbytes(self) -> int:
+        import gguf
+
+        block, size = gguf.GGML_QUANT_SIZES[self.qtype]
+        return math.prod(self.shape) // block * size
+
+
+def plan_tensors(source: Source, outtype: str) -> list[PlannedTensor]:
+    """Every tensor the GGUF gets, its llama.cpp name and its type; the tied lm_head is left out (llama.cpp reuses
+    token_embd when there is no output.weight)."""
+    import gguf
+
+    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == source.arch.gguf)
+    names = gguf.get_tensor_name_map(arch, source.config.num_hidden_layers)
+    tied = bool(getattr(source.config, "tie_word_embeddings", False))
+    if not tied and "lm_head.weight" not in source.shapes:
+        raise UsageError(f"MODEL_DIR {source.folder}: untied embeddings but no lm_head.weight in the checkpoint")
+    wanted = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
+              "q8_0": gguf.GGMLQuantizationType.Q8_0, "f32": gguf.GGMLQuantizationType.F32}[outtype]
+    plan = []
+    for hf_name, shape in source.shapes.items():
+        if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
+            continue  # recomputed by every runtime / the same matrix as the embeddings
+        base, _, suffix = hf_name.rpartition(".")
+        mapped = names.get_name(base)
+        if mapped is None:
+            raise UsageError(f"MODEL_DIR {source.folder}: tensor {hf_name} has no llama.cpp {source.arch.gguf} "
+                             "equivalent; is this a plain checkpoint of a supported architecture?")
+        qtype = wanted
+        if len(shape) < 2:
+            qtype = gguf.GGMLQuantizationType.F32  # norms and biases: tiny, and llama.cpp computes them in f32
+        elif qtype == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+            qtype = gguf.GGMLQuantizationType.F16  # rows must split into whole 32-value blocks
+        plan.append(PlannedTensor(f"{mapped}.{suffix}", hf_name, shape, qtype))
+    return sorted(plan, key=_gguf_order)
+
+
+def _gguf_order(t: PlannedTensor) -> tuple:
+    """token_embd first, then block by block, then the output norm and head, as llama.cpp's converter orders them."""
+    m = re.match(r"blk\.(\d+)\.", t.name)
+    return (1, int(m.group(1)), t.name) if m else (0 if t.name.startswith("token_embd") else 2, 0, t.name)
+
+
+class TensorReader:
+    """Source tensors one at a time, in fp32, already in llama.cpp's layout."""
+
+    def __init__(self, source: Source):
+        self.source = source
+        self.handles: dict[Path, Any] = {}
+
+    def read(self, t: PlannedTensor) -> Any:
+        import torch
+        from safetensors import safe_open
+
+        path = self.source.files[t.source]
+        if path not in self.handles:
+            self.handles[path] = safe_open(path, framework="pt")
+        tensor = self.handles[path].get_tensor(t.source).to(torch.float32)
+        if self.source.arch.permute_qk and re.search(r"\.attn_[qk]\.(weight|bias)$", t.name):
+            c = self.source.config
+            tensor = rope_rows_to_pairs(tensor, c.num_attention_heads if ".attn_q." in t.name
+                                        else c.num_key_value_heads)
+        return tensor.numpy()
+
+    def close(self) -> None:
+        self.handles.clear()
+
+
+def rope_rows_to_pairs(w: Any, n_heads: int) -> Any:
+    """Reorder each head's rows from (first half, second half) to interleaved pairs (0, d/2, 1, d/2+1, ...), the
+    order in which llama.cpp's llama graph applies rotary embeddings."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def encode_tensor(t: PlannedTensor, values: Any) -> Any:
+    """fp32 numpy values -> the bytes GGUF stores for t.qtype."""
+    import gguf
+    import numpy as np
+
+    if t.qtype == gguf.GGMLQuantizationType.F16:
+        out = values.astype(np.float16)
+        if not np.isfinite(out).all() and np.isfinite(values).all():
+            raise RunFailure(f"tensor {t.source} has values beyond the f16 range (65504); use --outtype bf16 or f32")
+        return out
+    if t.qtype == gguf.GGMLQuantizationType.F32:
+        return values.astype(np.float32, copy=False)
+    return gguf.quants.quantize(values, t.qtype)
