@@ -103,6 +103,17 @@ def tiny_qwen(tmp_path_factory, llama3_tokenizer) -> Path:
     return _save_tiny(tmp_path_factory.mktemp("tiny_qwen"), config, tok)
 
 
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """llama.cpp itself (npm node-llama-cpp, fetched by scripts/fetch_llama_cpp.sh in .ci/run); skips without it."""
+    from lora_cli import llamacpp
+
+    found = llamacpp.find()
+    if isinstance(found, str):
+        pytest.skip(f"llama.cpp not available: {found}")
+    return found
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -136,4 +147,5 @@ def _quiet_env(monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
     monkeypatch.setenv("WANDB_DISABLED", "true")
+    monkeypatch.setenv("LORA_CLI_LLAMA_CPP_THREADS", "1")  # its spinning threads crawl on a shared CI core
     os.environ.setdefault("OMP_NUM_THREADS", "2")
