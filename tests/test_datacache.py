@@ -28,7 +28,7 @@ def test_second_run_reuses_the_encoding_and_gets_the_same_rows(tiny_llama, chat_
     first = _prepare(tiny_llama, chat_file, tmp_path / "a")
     assert len(_entries(own_data_cache)) == 1
 
-    import lora_cli.train as train_module
+    import lora_cli.train.dataset as train_module
 
     def no_encoding(*args, **kwargs):
         raise AssertionError("the cached rows should have been used")
@@ -87,7 +87,7 @@ def test_entries_are_readable_by_other_users_of_a_shared_cache(tiny_llama, chat_
 
 def test_packing_writes_nothing_into_the_cache_entry(tiny_llama, chat_file, tmp_path, own_data_cache):
     from lora_cli import models
-    from lora_cli.train import attach_lora, build_trainer
+    from lora_cli.train import attach_lora, build_trainer, step_plan
 
     _prepare(tiny_llama, chat_file, tmp_path / "a", "--max_seq_length", "256")
     (entry,) = _entries(own_data_cache)
@@ -95,7 +95,8 @@ def test_packing_writes_nothing_into_the_cache_entry(tiny_llama, chat_file, tmp_
     cfg = config.parse_args(["--base_model", str(tiny_llama), "--train_path", str(chat_file), "--output_dir",
                              str(tmp_path / "b"), *TINY_TRAIN, "--packing", "--max_seq_length", "256"])
     prepared = prepare(cfg)
-    build_trainer(cfg, attach_lora(models.load_model(prepared.base, precision="fp32"), cfg), prepared, "fp32")
+    model = attach_lora(models.load_model(prepared.base, precision="fp32"), cfg)
+    build_trainer(cfg, model, prepared, step_plan(cfg, model, "fp32", prepared.train_stats), "fp32")
     assert prepared.train.cache_files  # read from the entry, and packed by TRL...
     assert sorted(p.name for p in (own_data_cache / entry).rglob("*")) == before  # ...without writing into it
 

@@ -20,18 +20,15 @@ from .conftest import ROOT, TINY_TRAIN, run_cli, write_jsonl
 WRAPPER = """
 import os, signal, sys
 from transformers import TrainerCallback
-import lora_cli.train as t
+import lora_cli.train.trainer as t
 
 SIG, AT = getattr(signal, sys.argv[1]), int(sys.argv[2])
 class SignalAt(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         if state.global_step == AT:
             os.kill(os.getpid(), SIG)
-original = t._use_compact_progress
-def patched(trainer):
-    original(trainer)
-    trainer.add_callback(SignalAt())
-t._use_compact_progress = patched
+original = t.progress_callbacks
+t.progress_callbacks = lambda: original() + [SignalAt()]
 from lora_cli.cli.train import main
 main(sys.argv[3:])
 """

@@ -10,7 +10,7 @@ import yaml
 
 from lora_cli import attention, config, models
 from lora_cli.chat import IGNORE_INDEX, encode
-from lora_cli.train import attach_lora, build_trainer, prepare
+from lora_cli.train import attach_lora, build_trainer, prepare, step_plan, training_only
 
 from .conftest import CHAT, INST_TEMPLATE, TINY_TRAIN, ROOT, run_cli, write_jsonl
 
@@ -21,7 +21,12 @@ def build(base: str, data, out, *extra: str):
     prepared = prepare(cfg)
     model = models.load_model(prepared.base, precision="fp32", load_in_4bit=cfg.load_in_4bit)
     model = attach_lora(model, cfg)
-    return cfg, prepared, build_trainer(cfg, model, prepared, "fp32")
+    plan = step_plan(cfg, model, "fp32", prepared.train_stats)
+    settings = training_only(model, plan, "fp32", cfg.use_dora)
+    settings.__enter__()  # left on while the trainer lives: these tests look at the model as it trains
+    trainer = build_trainer(cfg, model, prepared, plan, "fp32")
+    trainer.test_keeps_alive = settings  # a dropped generator would run its finally and undo the settings
+    return cfg, prepared, trainer
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -115,7 +120,7 @@ def test_padded_padding_free_and_packed_batches_give_the_same_loss(tiny_llama, c
 
 def test_compact_loss_and_trls_fused_head_equal_the_plain_loss_and_gradients(tiny_llama, chat_file, tmp_path,
                                                                              monkeypatch):
-    import lora_cli.train as train_module
+    import lora_cli.train.trainer as train_module
 
     _, prepared, trainer = build(tiny_llama, chat_file, tmp_path / "out", "--lora_dropout", "0")
     model = trainer.model
@@ -151,16 +156,17 @@ def test_compact_loss_and_trls_fused_head_equal_the_plain_loss_and_gradients(tin
 
 
 def test_training_only_settings_are_undone_after_training(tiny_llama, chat_file, tmp_path):
-    from lora_cli.train import restore_for_inference
-
     cfg = config.parse_args(["--base_model", str(tiny_llama), "--train_path", str(chat_file), "--output_dir",
                              str(tmp_path / "o"), *TINY_TRAIN])
     prepared = prepare(cfg)
     model = attach_lora(models.load_model(prepared.base, precision="bf16"), cfg)
-    build_trainer(cfg, model, prepared, "bf16")
+    plan = step_plan(cfg, model, "bf16", prepared.train_stats)
     flags = lambda: {m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")}
-    assert model.get_base_model().config._attn_implementation == attention.NAME and flags() == {False}
-    restore_for_inference(model)  # train() does this when it returns or fails
+    with pytest.raises(RuntimeError, match="training failed"), training_only(model, plan, "bf16", False) as per_seq:
+        build_trainer(cfg, model, prepared, plan, "bf16")
+        assert per_seq and model.get_base_model().config._attn_implementation == attention.NAME
+        assert flags() == {False}
+        raise RuntimeError("training failed")  # undone when training fails, as when it returns
     assert model.get_base_model().config._attn_implementation == "sdpa" and flags() == {True}
     with torch.no_grad():  # usable outside the trainer's autocast, with padding masks honoured
         model(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([[0, 1, 1]]))

@@ -1,0 +1,76 @@
+"""The LoRA adapter on the loaded base model, and the training-only settings it runs under."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from .. import attention
+from ..config import TrainConfig, split_list
+from ..errors import UsageError
+from .plan import StepPlan
+
+log = logging.getLogger("lora_cli")
+
+
+def check_quantization_available(cfg: TrainConfig) -> None:
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            flag = "--load_in_4bit" if cfg.load_in_4bit else "--load_in_8bit"
+            raise UsageError(f"{flag} needs bitsandbytes: pip install bitsandbytes") from None
+
+
+def attach_lora(model: Any, cfg: TrainConfig) -> Any:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        # Casts norms to fp32 and enables input gradients, which gradient checkpointing on a frozen base needs.
+        # Gradient checkpointing is left to the trainer (decided once the adapter's size is known); non-reentrant
+        # checkpointing needs no input gradients.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    targets: str | list[str] = "all-linear" if cfg.target_modules == "all-linear" else split_list(cfg.target_modules)
+    lora = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+        bias="none", task_type="CAUSAL_LM", use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+        init_lora_weights=True if cfg.init_lora_weights == "default" else cfg.init_lora_weights,
+        modules_to_save=split_list(cfg.modules_to_save) or None)
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as exc:
+        if "not found in the base model" in str(exc) or "Target module" in str(exc):
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ in
+                            ("Linear", "Linear4bit", "Linear8bitLt")})
+            raise UsageError(f"--target_modules {cfg.target_modules}: not found in the model; its linear modules "
+                             f"are {','.join(names)}") from None
+        raise
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA r=%d alpha=%d on %s: %s trainable parameters (%.2f%% of %s)", cfg.lora_r, cfg.lora_alpha,
+             cfg.target_modules, f"{trainable:,}", 100 * trainable / total, f"{total:,}")
+    return model
+
+
+@contextmanager
+def training_only(model: Any, plan: StepPlan, precision: str, use_dora: bool) -> Iterator[bool]:
+    """The model's training-only settings, undone on leaving (also on failure) for code that keeps using the model:
+    per-conversation sdpa in padding-free batches (it needs the collator's sequence boundaries), and no fp32 copies
+    of the adapter inputs under bf16/fp16 autocast. Yields whether sdpa runs per conversation."""
+    per_sequence = plan.padding_free and attention.use_per_sequence_sdpa(model)
+    if precision in ("bf16", "fp16") and not use_dora:
+        cast_adapter_inputs(model, False)
+    try:
+        yield per_sequence
+    finally:
+        attention.use_plain_sdpa(model)
+        cast_adapter_inputs(model, True)
+
+
+def cast_adapter_inputs(model: Any, enabled: bool) -> None:
+    """peft's copy of every LoRA input to the adapter weights' dtype (fp32). Under autocast the adapter matmuls run in
+    bf16/fp16 whatever their input, and the copies kept for the backward are about a third of the activation memory:
+    training_only turns them off for bf16/fp16 runs, and back on when training ends."""
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = enabled

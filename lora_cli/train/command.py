@@ -1,0 +1,124 @@
+"""lora-train: parse -> validate -> load data -> load model -> attach LoRA -> train -> save."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .. import checkpoints, config, models
+from ..config import TrainConfig
+from ..errors import UsageError
+from .adapter import attach_lora, check_quantization_available, training_only
+from .dataset import Prepared, prepare
+from .plan import quantization, step_plan
+from .run import run_training
+from .trainer import build_trainer
+
+log = logging.getLogger("lora_cli")
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    out = Path(cfg.output_dir)
+    resuming = cfg.resume or bool(cfg.resume_from_checkpoint)
+    check_output_dir(out, cfg.overwrite or resuming)
+    precision = models.choose_precision(cfg.precision)
+    check_quantization_available(cfg)
+    prepared = prepare(cfg)
+    if cfg.dry_run:
+        return dry_run(cfg, prepared, precision)
+    data_hashes = checkpoints.fingerprint(train_path=cfg.train_path, eval_path=cfg.eval_path)
+    resume_from = find_resume_checkpoint(cfg, out, data_hashes) if resuming else None
+    log.info("loading %s (%s%s)", prepared.base.display, precision,
+             ", 4-bit NF4" if cfg.load_in_4bit else ", 8-bit" if cfg.load_in_8bit else "")
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # the trainer seeds only later: without this the adapter's initial weights vary per run
+    model = models.load_model(prepared.base, precision=precision, load_in_4bit=cfg.load_in_4bit,
+                              load_in_8bit=cfg.load_in_8bit, trust_remote_code=cfg.trust_remote_code,
+                              attn_implementation=cfg.attn_implementation)
+    model = attach_lora(model, cfg)
+    check_disk_space(out, model, cfg.save_total_limit)
+    plan = step_plan(cfg, model, precision, prepared.train_stats)
+    resumed_tokens = checkpoints.checkpoint_info(resume_from).get("trained_tokens", 0) if resume_from else 0
+    with training_only(model, plan, precision, cfg.use_dora) as per_sequence:
+        log.info("each optimizer step: %s", plan.describe(per_sequence))
+        trainer = build_trainer(cfg, model, prepared, plan, precision, resumed_tokens)
+        return run_training(cfg, trainer, prepared, out, resume_from, data_hashes)
+
+
+def dry_run(cfg: TrainConfig, prepared: Prepared, precision: str) -> dict[str, Any]:
+    from .. import estimate
+
+    model = attach_lora(estimate.meta_model(prepared.base.path, cfg.trust_remote_code), cfg)
+    stats = prepared.train_stats
+    plan = step_plan(cfg, model, precision, stats)
+    est = estimate.estimate(model, precision=precision, quantization=quantization(cfg), optim=cfg.optim,
+                            batch_size=plan.micro_batch, seq_len=plan.seq_len,
+                            gradient_checkpointing=plan.gradient_checkpointing,
+                            trained_fraction=stats.trained_tokens / max(1, stats.tokens))
+    steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
+        stats.kept / (cfg.batch_size * cfg.gradient_accumulation_steps) * cfg.num_train_epochs)
+    log.info("dry run: %s optimizer steps of %d conversations (micro-batches of %d x accumulation %d)", steps,
+             cfg.batch_size * cfg.gradient_accumulation_steps, plan.micro_batch, plan.accumulation)
+    log.info("GPU memory per device, %s%s, micro-batch %d x %d tokens%s:\n%s", precision,
+             " + 4-bit base" if cfg.load_in_4bit else " + 8-bit base" if cfg.load_in_8bit else "", plan.micro_batch,
+             plan.seq_len, ", gradient checkpointing" if plan.gradient_checkpointing else "", "\n".join(est.lines()))
+    return {"dry_run": True, "optimizer_steps": steps, "trainable_params": est.trainable_params,
+            "total_params": est.total_params, "estimated_peak_bytes": est.total, "data": stats.as_dict()}
+
+
+def find_resume_checkpoint(cfg: TrainConfig, out: Path, data_hashes: dict[str, str]) -> str:
+    """The checkpoint to resume from, after checking that config and data are those of the interrupted run."""
+    checkpoints.check_resume(out, config.to_dict(cfg), data_hashes, cfg.resume_force)
+    if is_main_process():  # the others only read; they skip incomplete checkpoints all the same
+        checkpoints.remove_incomplete(out)
+    if cfg.resume_from_checkpoint:
+        chosen = Path(cfg.resume_from_checkpoint)
+        if not (chosen / checkpoints.COMPLETE).is_file():
+            raise UsageError(f"--resume_from_checkpoint {chosen}: not a complete lora-train checkpoint")
+    else:
+        found = checkpoints.complete_checkpoints(out)
+        if not found:
+            raise UsageError(f"--resume: no complete checkpoint in {out} (checkpoints are written every "
+                             "--save_steps); start again without --resume")
+        chosen = found[-1]
+    log.info("resuming from %s", chosen)
+    return str(chosen)
+
+
+def check_disk_space(out: Path, model: Any, keep: int) -> None:
+    """Checkpoints hold the adapter and its two Adam moments in fp32: refuse to start a run that cannot save them."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    per_checkpoint = trainable * 4 * 3 + (64 << 20)  # + tokenizer, RNG and trainer state
+    need = per_checkpoint * ((keep or 1) + 1)  # pruning happens after the next checkpoint is complete
+    free = shutil.disk_usage(out if out.exists() else _existing_parent(out)).free
+    if free < need:
+        raise UsageError(f"--output_dir {out}: about {need / 2**30:.1f} GiB is needed for checkpoints but only "
+                         f"{free / 2**30:.1f} GiB is free; free space, choose another disk or lower "
+                         "--save_total_limit")
+
+
+def is_main_process() -> bool:
+    """True in a single process, and in the first process of a torchrun/accelerate launch."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {out}: exists and is not a folder")
+    # Only the first process checks: the others may start after it has created the folder.
+    if is_main_process() and out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"--output_dir {out}: not empty; pass --overwrite to write into it, or choose a new folder")
+    if not os.access(out if out.exists() else _existing_parent(out), os.W_OK):
+        raise UsageError(f"--output_dir {out}: not writable")
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
