@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import models
+from . import integrity, models
 from .errors import UsageError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -57,6 +57,7 @@ def read_adapter(path: str | Path, flag: str = "ADAPTER_DIR") -> Adapter:
         raise UsageError(f"{flag} {path}: no {ADAPTER_CONFIG}, not a LoRA adapter folder{hint}")
     if not (p / ADAPTER_WEIGHTS).is_file() and not (p / "adapter_model.bin").is_file():
         raise UsageError(f"{flag} {path}: {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}: the adapter is incomplete")
+    check_intact(p, flag)
     try:
         peft_config = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -68,6 +69,13 @@ def read_adapter(path: str | Path, flag: str = "ADAPTER_DIR") -> Adapter:
     if run_file.is_file():
         run_config = yaml.safe_load(run_file.read_text(encoding="utf-8")) or {}
     return Adapter(p, peft_config, run_config)
+
+
+def check_intact(p: Path, flag: str) -> None:
+    """The files lora-train recorded in the folder's marker (else the weight files' structure), before anything loads
+    them: a cut copy or a failing disk ends in one line naming the file."""
+    integrity.require_intact(p, flag, "copy the adapter again, or train it again",
+                             names=[n for n in (ADAPTER_WEIGHTS, "adapter_model.bin") if (p / n).is_file()])
 
 
 def resolve_base(adapter: Adapter, override: str | None = None) -> models.BaseModel:

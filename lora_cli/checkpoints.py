@@ -12,11 +12,12 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from . import integrity
 from .errors import LoraCliError, UsageError
 
 log = logging.getLogger("lora_cli")
 
-COMPLETE = "lora_cli_complete.json"  # written into a checkpoint once every file of it is on disk
+COMPLETE = integrity.MARKER  # written into a checkpoint once every file of it is on disk, with their checksums
 RUN_STATE = "run_state.json"  # data hashes and the eval loss before training, for resumes
 STAGING = ".checkpoint.partial"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -24,7 +25,7 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 RESUMABLE_CHANGES = {"output_dir", "overwrite", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
                      "report_to", "data_cache", "attn_implementation"}
 # Files a finished run leaves in the output dir (besides the tokenizer); cleared by --overwrite.
-FINAL_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_metrics.json", "README.md")
+FINAL_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_metrics.json", "README.md", COMPLETE)
 
 
 class Interrupted(LoraCliError):
@@ -59,8 +60,7 @@ def remove_incomplete(out: Path) -> None:
 
 def finish_checkpoint(staged: Path, out: Path, step: int, keep: int, trained_tokens: int = 0) -> Path:
     """Mark a staged checkpoint complete, move it into place, then prune the oldest beyond `keep` (0: keep all)."""
-    marker = {"step": step, "trained_tokens": trained_tokens}
-    (staged / COMPLETE).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+    integrity.write_marker(staged, step=step, trained_tokens=trained_tokens)
     final = out / staged.name
     if final.exists():  # the same step saved again (e.g. a stop right after a scheduled save)
         shutil.rmtree(final)
@@ -69,6 +69,31 @@ def finish_checkpoint(staged: Path, out: Path, step: int, keep: int, trained_tok
         for old in complete_checkpoints(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def newest_intact(out: Path) -> Path:
+    """The newest complete checkpoint whose files verify; damaged ones are named and skipped (a failing disk, a cut
+    copy), so a run resumes from the last good state instead of failing on the first bad byte."""
+    found = complete_checkpoints(out)
+    if not found:
+        raise UsageError(f"--resume: no complete checkpoint in {out} (checkpoints are written every --save_steps); "
+                         "start again without --resume")
+    damaged = []
+    for checkpoint in reversed(found):
+        damage = integrity.verify(checkpoint)
+        if not damage:
+            return checkpoint
+        log.warning("%s is damaged, skipping it: %s", checkpoint.name, "; ".join(str(d) for d in damage))
+        damaged += damage
+    raise integrity.DamagedFiles(damaged, f"--resume: no intact checkpoint in {out}", "start again with --overwrite")
+
+
+def require_intact(checkpoint: Path) -> None:
+    """--resume_from_checkpoint names one checkpoint: a damaged one is an error, not something to fall back from."""
+    damage = integrity.verify(checkpoint)
+    if damage:
+        raise integrity.DamagedFiles(damage, f"--resume_from_checkpoint {checkpoint} is damaged (--resume picks the "
+                                             "newest intact checkpoint)")
 
 
 def fingerprint(**paths: str) -> dict[str, str]:
@@ -137,10 +162,12 @@ def clear_previous_run(out: Path) -> None:
 def save_final(trainer: Any, out: Path, main_process: bool = True) -> None:
     """Write the adapter under a temporary name, then move it into place with adapter_config.json last: a save cut
     short leaves no adapter_config.json, so nothing half-written can be loaded as an adapter. Every process calls
-    this (sharded models gather their weights in save_model); only the main one writes."""
+    this (sharded models gather their weights in save_model); only the main one writes. The completion marker,
+    written last, lets lora-merge/eval/export check the files before loading them."""
     staging = out / ".final.partial"
     if main_process:
         shutil.rmtree(staging, ignore_errors=True)
+        (out / COMPLETE).unlink(missing_ok=True)
         (out / "adapter_config.json").unlink(missing_ok=True)
     trainer.save_model(str(staging))
     trainer.accelerator.wait_for_everyone()
@@ -150,6 +177,7 @@ def save_final(trainer: Any, out: Path, main_process: bool = True) -> None:
     for f in files:
         os.replace(f, out / f.name)
     staging.rmdir()
+    integrity.write_marker(out, [f.name for f in files if (out / f.name).is_file()], step=trainer.state.global_step)
 
 
 def stop_on_signal_callback():

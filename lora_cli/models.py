@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import integrity
 from .errors import RunFailure, UsageError
 
 log = logging.getLogger("lora_cli")
@@ -211,8 +212,14 @@ def load_model(base: BaseModel, *, precision: str, load_in_4bit: bool = False, l
     except ImportError as exc:
         raise UsageError(f"--attn_implementation {attn_implementation} or quantisation is not available: {exc}") \
             from None
-    except (OSError, ValueError) as exc:
-        raise _load_error(base, exc) from None
+    except Exception as exc:  # a damaged file surfaces as any of several library errors: name the file instead
+        damage = integrity.check_model_folder(Path(base.path)) if base.kind != "hub" else []
+        if damage:
+            raise integrity.DamagedFiles(damage, f"--base_model {base.display}",
+                                         "download or copy the model again") from None
+        if isinstance(exc, (OSError, ValueError)):
+            raise _load_error(base, exc) from None
+        raise
 
 
 def choose_attention(requested: str, precision: str) -> str:

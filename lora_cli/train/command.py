@@ -80,12 +80,9 @@ def find_resume_checkpoint(cfg: TrainConfig, out: Path, data_hashes: dict[str, s
         chosen = Path(cfg.resume_from_checkpoint)
         if not (chosen / checkpoints.COMPLETE).is_file():
             raise UsageError(f"--resume_from_checkpoint {chosen}: not a complete lora-train checkpoint")
+        checkpoints.require_intact(chosen)
     else:
-        found = checkpoints.complete_checkpoints(out)
-        if not found:
-            raise UsageError(f"--resume: no complete checkpoint in {out} (checkpoints are written every "
-                             "--save_steps); start again without --resume")
-        chosen = found[-1]
+        chosen = checkpoints.newest_intact(out)
     log.info("resuming from %s", chosen)
     return str(chosen)
 

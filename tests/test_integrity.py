@@ -1,0 +1,197 @@
+"""Folders prove themselves: a completion marker's sizes and checksums find truncated, bit-flipped and missing files;
+without a marker, the structure of safetensors files and torch archives does."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora_cli import integrity
+
+from .conftest import TINY_TRAIN, run_cli, write_jsonl
+
+
+def flip_bit(path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    """A folder like a checkpoint: safetensors weights, a torch archive, JSON and a template."""
+    f = tmp_path / "ckpt"
+    f.mkdir()
+    torch.manual_seed(0)
+    save_file({"a": torch.randn(64, 8), "b": torch.randn(8, 64)}, f / "adapter_model.safetensors")
+    torch.save({"state": {0: {"exp_avg": torch.randn(512)}}}, f / "optimizer.pt")
+    (f / "adapter_config.json").write_text(json.dumps({"r": 4, "peft_type": "LORA"}))
+    (f / "chat_template.jinja").write_text("{{ messages }}")
+    return f
+
+
+def test_marker_records_every_file_with_size_checksum_and_versions(folder):
+    marker = integrity.write_marker(folder, step=4)
+    assert marker["step"] == 4 and set(marker["versions"]) >= {"torch", "transformers", "peft", "safetensors"}
+    assert set(marker["files"]) == {"adapter_model.safetensors", "optimizer.pt", "adapter_config.json",
+                                    "chat_template.jinja"}
+    import xxhash
+
+    weights = folder / "adapter_model.safetensors"
+    assert marker["files"]["adapter_model.safetensors"] == {
+        "size": weights.stat().st_size, "checksum": "xxh3_64:" + xxhash.xxh3_64(weights.read_bytes()).hexdigest()}
+    assert json.loads((folder / integrity.MARKER).read_text()) == marker
+    assert integrity.verify(folder) == []
+
+
+def test_blake2b_checksums_verify_too(folder):
+    weights = folder / "adapter_model.safetensors"
+    expected = hashlib.blake2b(weights.read_bytes(), digest_size=16).hexdigest()
+    assert integrity.checksum(weights, "blake2b") == f"blake2b:{expected}"
+    marker = integrity.write_marker(folder)
+    marker["files"]["adapter_model.safetensors"]["checksum"] = f"blake2b:{expected}"  # written without xxhash
+    (folder / integrity.MARKER).write_text(json.dumps(marker))
+    assert integrity.verify(folder) == []
+    flip_bit(weights, weights.stat().st_size - 3)
+    assert "corrupt" in integrity.verify(folder)[0].problem
+
+
+def test_truncated_bitflipped_and_missing_files_are_named(folder):
+    integrity.write_marker(folder)
+    weights, optimizer = folder / "adapter_model.safetensors", folder / "optimizer.pt"
+    size = weights.stat().st_size
+    os.truncate(weights, size - 100)
+    flip_bit(optimizer, optimizer.stat().st_size // 2)
+    (folder / "chat_template.jinja").unlink()
+    found = {d.path.name: d.problem for d in integrity.verify(folder)}
+    assert found == {"adapter_model.safetensors": f"truncated: {size - 100:,} of {size:,} bytes",
+                     "optimizer.pt": found["optimizer.pt"], "chat_template.jinja": "missing"}
+    assert found["optimizer.pt"].startswith("corrupt: its contents changed")
+    with pytest.raises(integrity.DamagedFiles) as exc:
+        integrity.require_intact(folder, "--adapter x", "copy it again")
+    assert str(exc.value).startswith(f"--adapter x: {weights}: truncated") and str(exc.value).endswith(
+        "(copy it again)") and exc.value.exit_code == 1
+
+
+def test_a_text_file_edited_on_purpose_is_a_warning_not_damage(folder, caplog):
+    integrity.write_marker(folder)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "peft_type": "LORA", "base_model": "x"}))
+    assert integrity.verify(folder) == []
+    assert "adapter_config.json changed since lora_cli wrote it" in caplog.text
+    (folder / "adapter_config.json").write_text('{"r": 4, "peft_')  # cut short: no longer JSON
+    assert [d.path.name for d in integrity.verify(folder)] == ["adapter_config.json"]
+
+
+def test_a_damaged_marker_is_damage(folder):
+    integrity.write_marker(folder)
+    marker = folder / integrity.MARKER
+    marker.write_text(marker.read_text()[:40])
+    assert "not valid JSON" in integrity.verify(folder)[0].problem
+
+
+def test_without_a_marker_structure_finds_truncation_and_corruption(folder):
+    assert integrity.verify(folder) == []  # no marker: structural checks, all sound
+    weights, optimizer = folder / "adapter_model.safetensors", folder / "optimizer.pt"
+    original = weights.read_bytes()
+    os.truncate(weights, len(original) - 8)
+    assert integrity.safetensors_problem(weights).startswith("truncated:")
+    weights.write_bytes(original + b"\0" * 16)
+    assert "longer than its header lists" in integrity.safetensors_problem(weights)
+    weights.write_bytes(original[:4])
+    assert "too short" in integrity.safetensors_problem(weights)
+    weights.write_bytes(b"\xff" * 8 + original[8:])  # the header length itself is damaged
+    assert "header claims" in integrity.safetensors_problem(weights)
+    weights.write_bytes(original)
+    archive = optimizer.read_bytes()
+    optimizer.write_bytes(archive[: len(archive) // 2])
+    assert "not a readable torch archive" in integrity.torch_archive_problem(optimizer)
+    data_at = archive.index(b"data/0") + 200  # inside the first tensor's bytes: only its CRC can tell
+    optimizer.write_bytes(archive[:data_at] + bytes([archive[data_at] ^ 1]) + archive[data_at + 1:])
+    assert "fails its checksum" in integrity.torch_archive_problem(optimizer)
+    assert [d.path.name for d in integrity.verify(folder)] == ["optimizer.pt"]
+
+
+def test_model_folder_missing_a_shard_is_named(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_file({"w1": torch.zeros(4)}, folder / "model-00001-of-00002.safetensors")
+    index = {"metadata": {}, "weight_map": {"w1": "model-00001-of-00002.safetensors",
+                                            "w2": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    [damage] = integrity.check_model_folder(folder)
+    assert damage.path.name == "model-00002-of-00002.safetensors" and damage.problem.startswith("missing (listed in")
+
+
+# --- through the real entry points -----------------------------------------------------------------------------------
+
+RUN = [*TINY_TRAIN, "--max_steps", "8", "--save_steps", "2", "--save_total_limit", "2"]  # later flags win
+
+
+def train_args(tiny_llama, data, out):
+    return ["--base_model", str(tiny_llama), "--train_path", str(data), "--output_dir", str(out), *RUN]
+
+
+@pytest.fixture()
+def data(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"Item {i}?"},
+                          {"role": "assistant", "content": f"Item {i} is number {i * 7}."}]} for i in range(24)]
+    return write_jsonl(tmp_path / "train.jsonl", rows)
+
+
+@pytest.fixture()
+def finished(tiny_llama, data, tmp_path):
+    """A finished 8-step run (checkpoints 6 and 8 kept) and its adapter's tensors."""
+    out = tmp_path / "run"
+    assert run_cli(train_args(tiny_llama, data, out)) == 0
+    return out, load_file(out / "adapter_model.safetensors")
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_finishes_from_the_previous_one(tiny_llama, data, finished,
+                                                                                      capsys):
+    out, adapter = finished
+    for name in ("adapter_model.safetensors", "optimizer.pt"):
+        assert integrity.read_marker(out / "checkpoint-8")["files"][name]["size"] > 0
+    weights = out / "checkpoint-8" / "adapter_model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)  # a cut copy: the header is intact, the data is not
+    capsys.readouterr()
+    assert run_cli(train_args(tiny_llama, data, out) + ["--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"checkpoint-8 is damaged, skipping it: {weights}: truncated" in err
+    assert f"resuming from {out / 'checkpoint-6'}" in err
+    resumed = load_file(out / "adapter_model.safetensors")  # steps 7 and 8 again, from checkpoint-6's state
+    assert resumed.keys() == adapter.keys()
+    for key in adapter:
+        torch.testing.assert_close(resumed[key], adapter[key], atol=1e-5, rtol=1e-4)
+    assert integrity.verify(out / "checkpoint-8") == []  # saved again, whole
+    assert integrity.verify(out) == []  # the final adapter has its own marker
+
+
+def test_resume_with_no_intact_checkpoint_names_each_damaged_file(tiny_llama, data, finished, capsys):
+    out, _ = finished
+    optimizer = out / "checkpoint-8" / "optimizer.pt"
+    flip_bit(optimizer, optimizer.stat().st_size // 2)
+    scheduler = out / "checkpoint-6" / "scheduler.pt"
+    os.truncate(scheduler, 100)
+    capsys.readouterr()
+    assert run_cli(train_args(tiny_llama, data, out) + ["--resume"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"lora-train: error: --resume: no intact checkpoint in {out}: {optimizer}: corrupt")
+    assert f"{scheduler}: truncated: 100 of" in last
+
+
+def test_a_damaged_resume_from_checkpoint_is_an_error(tiny_llama, data, finished, capsys):
+    out, _ = finished
+    rng_state = out / "checkpoint-6" / "rng_state.pth"
+    os.truncate(rng_state, 10)
+    capsys.readouterr()
+    size = integrity.read_marker(out / "checkpoint-6")["files"]["rng_state.pth"]["size"]
+    code = run_cli(train_args(tiny_llama, data, out) + ["--resume_from_checkpoint", str(out / "checkpoint-6")])
+    assert code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"lora-train: error: --resume_from_checkpoint {out / 'checkpoint-6'} is damaged (--resume picks the newest "
+        f"intact checkpoint): {rng_state}: truncated: 10 of {size:,} bytes")
