@@ -5,6 +5,7 @@ exists yet would let two runs started together lock two different files."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
@@ -20,8 +21,7 @@ class FolderBusy(UsageError):
 
 
 class OutputLock:
-    """Held from before anything is written into `folder` until the run ends. A folder this lock created is removed
-    again on release if nothing but the lock file was written into it (a run that failed before writing)."""
+    """Held from before anything is written into `folder` until the run ends; the lock file goes with it."""
 
     def __init__(self, folder: Path, flag: str = "--output_dir"):
         self.folder = Path(folder)
@@ -31,6 +31,8 @@ class OutputLock:
         self._created = False
 
     def acquire(self) -> OutputLock:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UsageError(f"{self.flag} {self.folder}: exists and is not a folder")
         try:
             self.folder.mkdir(parents=True)
             self._created = True  # by this process: of two started together, mkdir succeeds for one
@@ -55,10 +57,14 @@ class OutputLock:
         return self
 
     def release(self) -> None:
+        """Remove the lock file (a run waiting on the old one sees it gone and locks afresh), then unlock."""
         if self._fd is None:
             return
-        self._remove_created()
-        os.close(self._fd)  # closing releases the lock
+        self.path.unlink(missing_ok=True)
+        if self._created:  # a run that failed before writing leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()
+        os.close(self._fd)
         self._fd = None
 
     def __enter__(self) -> OutputLock:
@@ -89,14 +95,3 @@ class OutputLock:
                 return pid
             time.sleep(0.05)
         return "unknown"
-
-    def _remove_created(self) -> None:
-        """Undo the folder's creation when the run wrote nothing else into it."""
-        if not self._created:
-            return
-        try:
-            if [p.name for p in self.folder.iterdir()] == [LOCK_FILE]:
-                self.path.unlink()
-                self.folder.rmdir()
-        except OSError:
-            pass  # something else appeared meanwhile: leave the folder alone

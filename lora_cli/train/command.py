@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -12,6 +13,7 @@ from typing import Any
 from .. import checkpoints, config, models
 from ..config import TrainConfig
 from ..errors import UsageError
+from ..lock import LOCK_FILE, OutputLock
 from .adapter import attach_lora, check_quantization_available, training_only
 from .dataset import Prepared, prepare
 from .plan import quantization, step_plan
@@ -22,6 +24,14 @@ log = logging.getLogger("lora_cli")
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
+    """One run, holding --output_dir's lock from before anything is written (rank 0 of a launch holds it for all;
+    a dry run writes nothing and takes none)."""
+    locked = not cfg.dry_run and is_main_process()
+    with OutputLock(Path(cfg.output_dir)) if locked else contextlib.nullcontext():
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     resuming = cfg.resume or bool(cfg.resume_from_checkpoint)
     check_output_dir(out, cfg.overwrite or resuming)
@@ -108,7 +118,7 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out}: exists and is not a folder")
     # Only the first process checks: the others may start after it has created the folder.
-    if is_main_process() and out.is_dir() and any(out.iterdir()) and not overwrite:
+    if is_main_process() and out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not overwrite:
         raise UsageError(f"--output_dir {out}: not empty; pass --overwrite to write into it, or choose a new folder")
     if not os.access(out if out.exists() else _existing_parent(out), os.W_OK):
         raise UsageError(f"--output_dir {out}: not writable")
