@@ -187,8 +187,7 @@ def check_model_folder(folder: Path) -> list[Damage]:
                 return [Damage(folder / index, "not a valid shard index: the file is damaged")]
             missing = sorted(set(listed) - names)
             if missing:
-                return [Damage(folder / name, f"missing (listed in {index}): download or copy the model again")
-                        for name in missing]
+                return [Damage(folder / name, f"missing (listed in {index})") for name in missing]
     return check_structure(folder, sorted(names))
 
 
@@ -207,32 +206,39 @@ def file_problem(path: Path) -> str | None:
     return None
 
 
-def safetensors_problem(path: Path) -> str | None:
-    """A safetensors file is an 8-byte header length, a JSON header, then exactly the bytes the header lists."""
+def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header and where its data starts, once the file is known to hold exactly the bytes
+    the header lists (8-byte length, JSON, data); DamagedFiles naming the file otherwise."""
+    def damaged(problem: str) -> DamagedFiles:
+        return DamagedFiles([Damage(path, problem)], hint="copy or download it again")
+
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            return f"truncated: {size} bytes, too short for a safetensors file"
+            raise damaged(f"truncated: {size} bytes, too short for a safetensors file")
         (length,) = struct.unpack("<Q", head)
         if length > min(size - 8, _MAX_HEADER):
-            return (f"truncated or not a safetensors file: its header claims {length:,} bytes, the file holds "
-                    f"{size:,}")
+            raise damaged(f"truncated or not a safetensors file: its header claims {length:,} bytes, the file holds "
+                          f"{size:,}")
         try:
             header = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return "corrupt safetensors header (not valid JSON)"
-    if not isinstance(header, dict):
-        return "corrupt safetensors header"
-    try:
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (TypeError, KeyError, IndexError, ValueError):
-        return "corrupt safetensors header (tensor entries without data offsets)"
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, KeyError, IndexError, ValueError):
+            raise damaged("corrupt safetensors header") from None
     expected = 8 + length + end
     if size < expected:
-        return f"truncated: {size:,} bytes, its header lists {expected:,}"
+        raise damaged(f"truncated: {size:,} bytes, its header lists {expected:,}")
     if size > expected:
-        return f"{size - expected:,} bytes longer than its header lists: the file is damaged"
+        raise damaged(f"{size - expected:,} bytes longer than its header lists: the file is damaged")
+    return header, 8 + length
+
+
+def safetensors_problem(path: Path) -> str | None:
+    try:
+        safetensors_header(path)
+    except DamagedFiles as exc:
+        return exc.damage[0].problem
     return None
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import integrity
 from .errors import RunFailure, UsageError
 
 INDEX = "model.safetensors.index.json"
@@ -39,12 +40,9 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = path
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
+        header, self.data_start = integrity.safetensors_header(path)  # a damaged file fails here, named
         header.pop("__metadata__", None)
         self.entries: dict[str, dict] = header  # name -> dtype, shape, data_offsets
-        self.data_start = 8 + size
         self._file = None
 
     def shape(self, name: str) -> tuple[int, ...]:

@@ -195,3 +195,68 @@ def test_a_damaged_resume_from_checkpoint_is_an_error(tiny_llama, data, finished
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"lora-train: error: --resume_from_checkpoint {out / 'checkpoint-6'} is damaged (--resume picks the newest "
         f"intact checkpoint): {rng_state}: truncated: 10 of {size:,} bytes")
+
+
+def last_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "unexpected" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+def test_damaged_adapter_and_model_files_end_in_one_line_in_every_command(tiny_llama, data, finished, tmp_path,
+                                                                          capsys):
+    from lora_cli.cli.eval import main as eval_main
+    from lora_cli.cli.export import main as export_main
+    from lora_cli.cli.merge import main as merge_main
+
+    out, _ = finished
+    merged = tmp_path / "merged"
+    assert run_cli([str(out), str(merged), "--no-verify"], main=merge_main) == 0
+    assert integrity.verify(merged) == [] and "model.safetensors" in integrity.read_marker(merged)["files"]
+
+    shard = merged / "model.safetensors"
+    size = shard.stat().st_size
+    os.truncate(shard, size - 4096)
+    assert run_cli([str(merged), str(tmp_path / "m.gguf")], main=export_main) == 1
+    assert last_error(capsys) == (f"lora-export: error: MODEL_DIR {merged}: {shard}: truncated: {size - 4096:,} of "
+                                  f"{size:,} bytes (merge or copy the model again)")
+
+    weights = out / "adapter_model.safetensors"
+    size = weights.stat().st_size
+    os.truncate(weights, size // 2)
+    assert run_cli([str(out), str(tmp_path / "m2")], main=merge_main) == 1
+    assert last_error(capsys) == (f"lora-merge: error: ADAPTER_DIR: {weights}: truncated: {size // 2:,} of {size:,} "
+                                  "bytes (copy the adapter again, or train it again)")
+    assert run_cli(["--adapter", str(out), "--eval_path", str(data)], main=eval_main) == 1
+    assert last_error(capsys).startswith(f"lora-eval: error: --adapter: {weights}: truncated")
+    (out / integrity.MARKER).unlink()  # an adapter from elsewhere: its structure still tells
+    assert run_cli([str(out), str(tmp_path / "m2")], main=merge_main) == 1
+    assert f"{weights}: truncated: {size // 2:,} bytes, its header lists {size:,}" in last_error(capsys)
+    assert not (tmp_path / "m2").exists()
+
+
+def test_a_damaged_or_incomplete_base_model_is_named(tiny_llama, data, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from lora_cli.cli.merge import main as merge_main
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_llama).save_pretrained(sharded, max_shard_size="2MB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_llama / name).is_file():
+            (sharded / name).write_bytes((tiny_llama / name).read_bytes())
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) >= 2
+    size = shards[1].stat().st_size
+    os.truncate(shards[1], size - 1)
+    argv = ["--base_model", str(sharded), "--train_path", str(data), "--output_dir", str(tmp_path / "run"),
+            *TINY_TRAIN]
+    assert run_cli(argv) == 1
+    assert last_error(capsys) == (f"lora-train: error: --base_model {sharded}: {shards[1]}: truncated: "
+                                  f"{size - 1:,} bytes, its header lists {size:,} (download or copy the model again)")
+    assert not (tmp_path / "run").exists()  # nothing written, not even the folder the lock needed
+
+    shards[1].unlink()
+    assert run_cli(argv) == 1
+    assert last_error(capsys) == (f"lora-train: error: --base_model {sharded}: {shards[1]}: missing (listed in "
+                                  "model.safetensors.index.json) (download or copy the model again)")

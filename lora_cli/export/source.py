@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import integrity
 from ..errors import UsageError
 from ..safetensors_io import INDEX
 
@@ -59,11 +60,13 @@ def open_source(folder: Path) -> Source:
     index = folder / INDEX
     names = list(dict.fromkeys(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())) \
         if index.is_file() else ["model.safetensors"]
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise UsageError(f"MODEL_DIR {folder}: shard {missing[0]} listed in {INDEX} is missing")
+    integrity.require_intact(folder, f"MODEL_DIR {folder}", "merge or copy the model again", names=names)
     files, shapes = {}, {}
     for name in names:
         path = folder / name
-        if not path.is_file():
-            raise UsageError(f"MODEL_DIR {folder}: shard {name} listed in {INDEX} is missing")
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
                 files[key] = path

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import adapters, models
+from .. import adapters, integrity, models
 from ..adapters import Adapter
 from ..errors import RunFailure, UsageError
 from ..safetensors_io import Checkpoint
@@ -78,6 +78,7 @@ def merge(cfg: MergeConfig) -> dict[str, Any]:
         report = write_model(cfg, job, tmp)
         report["seconds"] = round(time.perf_counter() - start, 1)
         (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        integrity.write_marker(tmp, written_by="lora-merge")  # lora-export and later loads check the files against it
         replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
