@@ -62,7 +62,8 @@ def find() -> Runtime | str:
 @dataclass
 class Answer:
     text: str
-    tokens: list[int]  # everything llama.cpp evaluated: the prompt its chat template rendered, then the answer
+    prompt: list[int]  # the prompt as llama.cpp rendered it with the GGUF's chat template and tokenised it
+    tokens: list[int]  # the answer, without the end-of-generation token that stopped it
 
 
 @dataclass
@@ -97,7 +98,7 @@ def run(runtime: Runtime, gguf: Path, *, tokenize: list[str] = (), sequences: li
         raise RunFailure(f"llama.cpp cannot load {gguf.name}: {' '.join(said.split())[:400]}")
     return Result(out["metadata"], out["tokens"], [[[(int(i), float(v)) for i, v in p["top"]] for p in seq]
                                                    for seq in out["next"]],
-                  [Answer(a["text"], a["tokens"]) for a in out["answers"]])
+                  [Answer(a["text"], a["prompt"], a["tokens"]) for a in out["answers"]])
 
 
 def default_threads() -> int:

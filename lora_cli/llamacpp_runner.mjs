@@ -2,7 +2,7 @@
 // Reads one JSON job on stdin, writes one JSON result on stdout; lora_cli/llamacpp.py is the only caller.
 //   job:    {module_dir, model, threads, tokenize: [text], sequences: [[id]], chats: [[{role, content}]], max_tokens,
 //            top_k}
-//   result: {metadata: {...}, tokens: [[id]], next: [[{top: [[id, logit]]}]], answers: [{text, tokens}]}
+//   result: {metadata: {...}, tokens: [[id]], next: [[{top: [[id, logit]]}]], answers: [{text, prompt, tokens}]}
 //           or {error, log: [llama.cpp error lines]}
 import { createRequire } from "node:module";
 import { pathToFileURL } from "node:url";
@@ -61,9 +61,15 @@ async function answer(model, messages, maxTokens) {
         const history = messages.slice(0, -1).map((m) => m.role === "system" ? { type: "system", text: m.content }
             : m.role === "user" ? { type: "user", text: m.content } : { type: "model", response: [m.content] });
         session.setChatHistory(history);
-        const text = await session.prompt(messages.at(-1).content, { maxTokens, temperature: 0, repeatPenalty: false });
-        // everything llama.cpp evaluated: the rendered prompt's tokens, then the answer's
-        return { text, tokens: Array.from(session.sequence.contextTokens) };
+        const generated = [];
+        const { responseText: text, stopReason } = await session.promptWithMeta(messages.at(-1).content, {
+            maxTokens, temperature: 0, repeatPenalty: false, onToken: (tokens) => generated.push(...tokens) });
+        // the context holds the rendered prompt, then the answer, but for its last token when maxTokens stopped it
+        // (never evaluated); an end-of-generation token that stopped it is in neither
+        const evaluated = Array.from(session.sequence.contextTokens);
+        const unevaluated = stopReason === "maxTokens" && generated.length > 0 ? 1 : 0;
+        const promptLength = evaluated.length - generated.length + unevaluated;
+        return { text, prompt: evaluated.slice(0, promptLength), tokens: generated };
     } finally {
         await context.dispose();
     }

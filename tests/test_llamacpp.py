@@ -34,8 +34,8 @@ def test_demo_gguf_tokenises_and_renders_like_transformers(llama_cpp, demo_gguf,
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     expected = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     answer = result.answers[0]
-    assert answer.tokens[:len(expected)] == expected and len(answer.tokens) > len(expected)
-    assert answer.text
+    assert answer.prompt == expected and len(answer.tokens) == 4
+    assert answer.text == tokenizer.decode(answer.tokens)
 
 
 def test_top_tokens_after_every_position(llama_cpp, demo_gguf, tokenizer):

@@ -9,13 +9,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import llamacpp
 from ..errors import RunFailure, UsageError
+from ..models import GGUF_PRE_KEY
 from ..verification import fits_in_memory
 from .config import ExportConfig, modelfile_path
 from .gguf_writer import write_gguf
 from .ollama import ollama_modelfile
 from .source import Source, open_source
 from .tensors import PlannedTensor, plan_tensors
+from .llamacpp_check import log_llamacpp_verification, verify_in_llamacpp
 from .verify import log_verification, verify
 from .vocab import Vocab, build_vocab
 
@@ -54,7 +57,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     folder, out = Path(cfg.model_dir), Path(cfg.out)
     source = open_source(folder)
     tokenizer = load_tokenizer(folder)
-    vocab = build_vocab(tokenizer, source.config.vocab_size)
+    vocab = build_vocab(tokenizer, source.config.vocab_size, tokenizer.init_kwargs.get(GGUF_PRE_KEY))
     modelfile = ollama_modelfile(tokenizer, vocab, out, folder) if cfg.ollama else None  # refuse before writing
     plan = plan_tensors(source, cfg.outtype)
     parameters = sum(math.prod(t.shape) for t in plan)
@@ -117,6 +120,13 @@ def _verify_or_skip(cfg: ExportConfig, source: Source, path: Path, tokenizer: An
         reason = f"the model needs about {parameters * 12 / 2**30:.1f} GiB to verify, more than is available"
         log.warning("verification skipped: %s", reason)
         return {"skipped": reason}
-    result = verify(source, path, tokenizer, vocab, cfg.outtype)
-    log_verification(result, cfg.outtype)
+    runtime = llamacpp.find()
+    if isinstance(runtime, str):
+        log.warning("verifying with transformers' GGUF reader, not llama.cpp itself (%s); that reader accepts some "
+                    "files llama.cpp refuses", runtime)
+        result = verify(source, path, tokenizer, vocab, cfg.outtype)
+        log_verification(result, cfg.outtype)
+        return result
+    result = verify_in_llamacpp(runtime, source, path, tokenizer, cfg.outtype)
+    log_llamacpp_verification(result, cfg.outtype)
     return result

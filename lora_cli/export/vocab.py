@@ -9,8 +9,34 @@ from typing import Any
 from .. import chat
 from ..errors import UsageError
 
-# llama.cpp's pre-tokenizer names for the split regexes of Hugging Face tokenizer.json files (Split, then ByteLevel
-# without its own regex). These are the models' published patterns; llama.cpp implements the same ones by name.
+# How llama.cpp's converter (convert_hf_to_gguf.py, get_vocab_base_pre) recognises a tokenizer's pre-tokenizer: it
+# encodes this fixed text with the Hugging Face tokenizer (special tokens added, as encode() does by default) and
+# looks the sha256 of str(ids) up in a table of known models. The same test here gives the same names, never a guess.
+CHECK_TEXT = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ "
+              "🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+              "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
+              "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL")
+# sha256 of the check ids -> (llama.cpp's pre-tokenizer name, the model its converter took it from), for the byte-level
+# BPE tokenizers of the architectures lora-export writes; the values are those published in llama.cpp's converter.
+PRE_TOKENIZER_HASHES = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": ("llama-bpe", "Meta-Llama-3-8B"),
+    "c136ed14d01c2745d4f60a9596ae66800e2b61fa45643e72436041855ad4089d": ("smaug-bpe", "Smaug-Llama-3-70B-Instruct"),
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": ("qwen2", "Qwen1.5-7B"),
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": ("qwen2", "Qwen3-Embedding-0.6B"),
+    "b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5": ("deepseek-r1-qwen",
+                                                                         "DeepSeek-R1-Distill-Qwen-1.5B"),
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": ("smollm", "SmolLM-135M"),
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": ("gpt-2", "gpt2"),
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": ("tekken", "Mistral-Nemo-Base-2407"),
+    "9d032fcbd5501f4a38150912590928bfb36091efb5df11b8e2124b0390e3fb1e": ("falcon3", "Falcon3-7B-Base"),
+    "049ecf7629871e3041641907f3de7c733e4dbfdc736f57d882ba0b0845599754": ("deepseek-llm", "deepseek-llm-7b-base"),
+    "347715f544604f9118bb75ed199f68779f423cabb20db6de6f31b908d04d7821": ("deepseek-coder",
+                                                                         "deepseek-coder-6.7b-base"),
+}
+
+# For tokenizers the check text does not identify (e.g. a vocabulary paired with another family's split, as
+# transformers 5 does when it rebuilds a tokenizer for the model's architecture): the split regexes llama.cpp
+# implements under these names, matched exactly against tokenizer.json (Split, then ByteLevel without its own regex).
 PRE_TOKENIZER_SPLITS = {
     "llama-bpe": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+"),
@@ -36,7 +62,7 @@ class Vocab:
     padded: int = 0  # placeholder tokens filling the model's vocab_size beyond the tokenizer's
 
 
-def build_vocab(tokenizer: Any, vocab_size: int) -> Vocab:
+def build_vocab(tokenizer: Any, vocab_size: int, source_gguf_pre: str | None = None) -> Vocab:
     """The tokenizer as llama.cpp's byte-level BPE ("gpt2") vocabulary: tokens spelled in the byte alphabet as in
     tokenizer.json, merges, token types (added special tokens are CONTROL) and the special ids."""
     import gguf
@@ -61,7 +87,7 @@ def build_vocab(tokenizer: Any, vocab_size: int) -> Vocab:
     with_specials = tokenizer("a", add_special_tokens=True)["input_ids"]
     extra = len(with_specials) > len(tokenizer("a", add_special_tokens=False)["input_ids"])
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
-    return Vocab(pre_tokenizer_name(spec), tokens, types, merges, special,
+    return Vocab(pre_tokenizer_name(tokenizer, source_gguf_pre, spec), tokens, types, merges, special,
                  add_bos=extra and with_specials[0] == tokenizer.bos_token_id,
                  add_eos=extra and with_specials[-1] == tokenizer.eos_token_id, chat_template=template,
                  added=len(spec.get("added_tokens", [])), padded=vocab_size - len(ids))
@@ -99,23 +125,45 @@ def _end_of_turn_id(tokenizer: Any) -> int | None:
     return ids[0] if ids else None
 
 
-def pre_tokenizer_name(spec: dict) -> str:
-    """llama.cpp's name for how tokenizer.json splits text before BPE; an unknown split would silently tokenise
-    differently in llama.cpp, so it is refused."""
+def check_hash(tokenizer: Any) -> str:
+    from hashlib import sha256
+
+    return sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+
+
+def pre_tokenizer_name(tokenizer: Any, source_gguf_pre: str | None = None, spec: dict | None = None) -> str:
+    """llama.cpp's name for how the tokenizer splits text before BPE, found as llama.cpp's converter finds it; else,
+    for a model converted from a GGUF file, that file's own name; else the name of the exact split llama.cpp
+    implements. An unknown tokenizer is refused: a wrong name makes llama.cpp refuse the file, or tokenise
+    differently without a word."""
+    digest = check_hash(tokenizer)
+    if digest in PRE_TOKENIZER_HASHES:
+        return PRE_TOKENIZER_HASHES[digest][0]
+    if source_gguf_pre:
+        return source_gguf_pre
+    same_split = _split_name(spec if spec is not None else json.loads(tokenizer.backend_tokenizer.to_str()))
+    if same_split:
+        return same_split
+    known = ", ".join(sorted({f"{name} ({model})" for name, model in PRE_TOKENIZER_HASHES.values()}))
+    raise UsageError(f"tokenizer: llama.cpp does not know this tokenizer's pre-tokenizer (check hash {digest[:16]}, "
+                     f"as llama.cpp's convert_hf_to_gguf.py computes it, is none of: {known}); a fine-tune keeps its "
+                     "base model's tokenizer, so export from a folder whose tokenizer files are the base's, or use "
+                     "llama.cpp's own convert_hf_to_gguf.py if it knows this model")
+
+
+def _split_name(spec: dict) -> str | None:
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
     byte_level = steps[-1] if kinds and kinds[-1] == "ByteLevel" else None
-    if byte_level is not None and not byte_level.get("add_prefix_space", False):
-        if kinds == ["ByteLevel"] and byte_level.get("use_regex", True):
-            return "gpt2"
-        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and byte_level.get("use_regex", True):
-            return "smollm"
-        if kinds == ["Split", "ByteLevel"] and not byte_level.get("use_regex", True) and \
-                steps[0].get("behavior") == "Isolated" and not steps[0].get("invert"):
-            regex = (steps[0].get("pattern") or {}).get("Regex")
-            for name, pattern in PRE_TOKENIZER_SPLITS.items():
-                if regex == pattern:
-                    return name
-    raise UsageError(f"tokenizer: pre-tokenizer {' + '.join(map(str, kinds)) or 'none'} is not one llama.cpp "
-                     f"knows by name (supported: GPT-2 byte-level, SmolLM digits, {', '.join(PRE_TOKENIZER_SPLITS)})")
+    if byte_level is None or byte_level.get("add_prefix_space", False):
+        return None
+    if kinds == ["ByteLevel"] and byte_level.get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and byte_level.get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not byte_level.get("use_regex", True) and \
+            steps[0].get("behavior") == "Isolated" and not steps[0].get("invert"):
+        regex = (steps[0].get("pattern") or {}).get("Regex")
+        return next((name for name, pattern in PRE_TOKENIZER_SPLITS.items() if regex == pattern), None)
+    return None

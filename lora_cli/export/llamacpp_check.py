@@ -1,0 +1,142 @@
+"""The written GGUF run in llama.cpp itself and compared with the source model run in transformers: the same ids for
+the same text, the same chat prompts from the GGUF's own template, the same most likely next token at every position
+of a few conversations, and the same greedy answers."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+from typing import Any
+
+from .. import chat, llamacpp
+from ..verification import BUILTIN_PROMPTS
+from .source import Source
+from .verify import TRICKY_STRINGS, next_token_logits, probe_conversations
+
+log = logging.getLogger("lora_cli")
+
+ANSWER_TOKENS = 24
+TOP_K = 8
+# How far llama.cpp's next-token logits may be from the source's (fp32, transformers), relative to the logit scale
+# (the largest |logit| of the source): the rounding of the weights to --outtype plus llama.cpp's own arithmetic (it
+# multiplies in f16, or quantises activations to 8 bits for quantised weights). Where the two disagree on the most
+# likely token, the source itself must be within this margin of a tie there.
+TOLERANCES = {"f32": 2e-2, "f16": 2e-2, "bf16": 6e-2, "q8_0": 1e-1, "q4_0": 3e-1, "q4_k_m": 3e-1}
+
+
+def verify_in_llamacpp(runtime: llamacpp.Runtime, source: Source, gguf_path: Path, tokenizer: Any,
+                       outtype: str) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    conversations = probe_conversations(tokenizer)
+    specials = chat._special_strings(tokenizer)[:8]
+    texts = [tokenizer.decode(ids) for ids in conversations] + TRICKY_STRINGS + specials
+    prompts = [messages[:-1] for messages in BUILTIN_PROMPTS] if getattr(tokenizer, "chat_template", None) else []
+    log.info("verifying in llama.cpp (node-llama-cpp %s, CPU): %d texts, %d conversations, %d greedy answers, "
+             "against the source model in transformers (fp32)", runtime.version, len(texts), len(conversations),
+             len(prompts))
+    model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32)
+    reference = next_token_logits(model, conversations)
+    stops = chat.end_of_turn_ids(tokenizer) if prompts else [tokenizer.eos_token_id]
+    expected = [greedy(model, chat.encode_prompt(tokenizer, p), stops) for p in prompts]
+    del model
+    gc.collect()
+    ran = llamacpp.run(runtime, gguf_path, tokenize=texts, sequences=conversations, chats=prompts,
+                       max_tokens=ANSWER_TOKENS, top_k=TOP_K)
+    margin = TOLERANCES[outtype]
+    result = {"runtime": f"llama.cpp (node-llama-cpp {runtime.version})", "metadata": ran.metadata,
+              "tokenizer": compare_ids(tokenizer, texts, ran.tokens),
+              "logits": compare_top(reference, ran.top, margin),
+              "answers": [compare_answer(tokenizer, p, e, a, margin) for p, e, a in zip(prompts, expected, ran.answers)]}
+    result["passed"] = result["tokenizer"]["passed"] and result["logits"]["passed"] and \
+        all(a["passed"] for a in result["answers"])
+    return result
+
+
+def greedy(model: Any, prompt: list[int], stops: list[int]) -> dict[str, Any]:
+    """The source's greedy answer and its logits at each step (to tell a real divergence from a near tie)."""
+    import torch
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=ANSWER_TOKENS, do_sample=False, eos_token_id=stops,
+                              pad_token_id=stops[-1], output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), generation_config=config)
+    ids = out.sequences[0, len(prompt):].tolist()
+    return {"prompt": prompt, "ids": [i for i in ids if i not in stops],
+            "logits": [step[0].to(torch.float32) for step in out.logits]}
+
+
+def compare_ids(tokenizer: Any, texts: list[str], llama_ids: list[list[int]]) -> dict[str, Any]:
+    mismatched = [t for t, ids in zip(texts, llama_ids) if tokenizer(t, add_special_tokens=False)["input_ids"] != ids]
+    return {"texts": len(texts), "mismatched": mismatched, "passed": not mismatched}
+
+
+def compare_top(reference: list[Any], top: list[list[list[tuple[int, float]]]], margin: float) -> dict[str, Any]:
+    """Top-1 agreement at every position; where llama.cpp's choice differs, how far the source's logit for it is below
+    the source's best (a near tie is no error); the largest difference over llama.cpp's top-k logits."""
+    scale = max(float(r.abs().max()) for r in reference) or 1.0
+    positions = agree = 0
+    worst_gap = max_diff = 0.0
+    for ref, seq in zip(reference, top):
+        for logits, pairs in zip(ref, seq):
+            positions += 1
+            choice = pairs[0][0]
+            best = float(logits.max())
+            agree += int(choice == int(logits.argmax()))
+            worst_gap = max(worst_gap, (best - float(logits[choice])) / scale)
+            max_diff = max(max_diff, *(abs(v - float(logits[i])) / scale for i, v in pairs))
+    return {"positions": positions, "top1_agreement": agree / max(positions, 1), "max_rel_logit_diff": max_diff,
+            "worst_rel_gap": worst_gap, "logit_scale": scale, "tolerance": margin,
+            "passed": positions > 0 and max_diff <= margin and worst_gap <= margin}
+
+
+def compare_answer(tokenizer: Any, messages: list[dict], expected: dict[str, Any], answer: llamacpp.Answer,
+                   margin: float) -> dict[str, Any]:
+    """llama.cpp's greedy answer (its own template rendering) against the source's (the prompt as training renders
+    it): the same prompt ids, and the same answer up to where the source itself was within `margin` of a tie."""
+    prompt = expected["prompt"]
+    same_prompt = answer.prompt == prompt
+    got = answer.tokens if same_prompt else []
+    want = expected["ids"]
+    diverged = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    if diverged is None and len(got) != len(want) and min(len(got), len(want)) < ANSWER_TOKENS:
+        diverged = min(len(got), len(want))  # one stopped where the other went on
+    near_tie = False
+    if diverged is not None and diverged < len(got) and diverged < len(expected["logits"]):
+        logits = expected["logits"][diverged]
+        scale = float(logits.abs().max()) or 1.0
+        near_tie = (float(logits.max()) - float(logits[got[diverged]])) / scale <= margin
+    return {"question": messages[-1]["content"], "source": tokenizer.decode(want), "llama_cpp": answer.text,
+            "same_prompt": same_prompt, "same": same_prompt and diverged is None, "diverged_at": diverged,
+            "near_tie": near_tie, "passed": same_prompt and (diverged is None or near_tie)}
+
+
+def log_llamacpp_verification(result: dict[str, Any], outtype: str) -> None:
+    tk, lg, answers = result["tokenizer"], result["logits"], result["answers"]
+    meta = result["metadata"]
+    log.info("llama.cpp loaded it: architecture %s, pre-tokenizer %s", meta.get("architecture"), meta.get("pre"))
+    log.info("llama.cpp tokenizer: %s -> %s", f"ids differ on {len(tk['mismatched'])} of {tk['texts']} texts (e.g. "
+             f"{tk['mismatched'][0]!r})" if tk["mismatched"] else f"same ids as the source on {tk['texts']} texts "
+             "(chat prompts, unicode, whitespace, special tokens)", "PASS" if tk["passed"] else "FAIL")
+    log.info("llama.cpp next tokens vs source (%d positions): top-1 agreement %.1f%%, largest gap to the source's "
+             "best where they differ %.3g%%, max |diff| over top-%d logits %.3g%% of the logit scale %.3g (limit "
+             "%.3g%% for %s) -> %s", lg["positions"], 100 * lg["top1_agreement"], 100 * lg["worst_rel_gap"], TOP_K,
+             100 * lg["max_rel_logit_diff"], lg["logit_scale"], 100 * lg["tolerance"], outtype,
+             "PASS" if lg["passed"] else "FAIL")
+    if answers:
+        same = sum(a["same"] for a in answers)
+        log.info("llama.cpp greedy answers (GGUF's own chat template): %d of %d identical to transformers%s -> %s",
+                 same, len(answers), "" if same == len(answers) else
+                 f", {sum(a['near_tie'] for a in answers)} part at a near tie of the source",
+                 "PASS" if all(a["passed"] for a in answers) else "FAIL")
+        for a in answers:
+            if not a["same_prompt"]:
+                log.info("  %r: llama.cpp rendered a different prompt from the template", a["question"])
+            elif not a["same"]:
+                log.info("  %r: transformers %r, llama.cpp %r (from token %d)", a["question"], a["source"],
+                         a["llama_cpp"], a["diverged_at"])
+        first = answers[0]
+        log.info("  e.g. %r -> %r", first["question"], first["llama_cpp"])
