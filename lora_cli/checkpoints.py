@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import integrity
-from .errors import LoraCliError, UsageError
+from .errors import LoraCliError, UsageError, writing
 
 log = logging.getLogger("lora_cli")
 
@@ -169,15 +169,17 @@ def save_final(trainer: Any, out: Path, main_process: bool = True) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         (out / COMPLETE).unlink(missing_ok=True)
         (out / "adapter_config.json").unlink(missing_ok=True)
-    trainer.save_model(str(staging))
-    trainer.accelerator.wait_for_everyone()
-    if not main_process:
-        return
-    files = sorted(staging.iterdir(), key=lambda p: p.name == "adapter_config.json")
-    for f in files:
-        os.replace(f, out / f.name)
-    staging.rmdir()
-    integrity.write_marker(out, [f.name for f in files if (out / f.name).is_file()], step=trainer.state.global_step)
+    with writing(f"saving the adapter into {out}", "add --resume to the same command (the checkpoints are intact)"):
+        trainer.save_model(str(staging))
+        trainer.accelerator.wait_for_everyone()
+        if not main_process:
+            return
+        files = sorted(staging.iterdir(), key=lambda p: p.name == "adapter_config.json")
+        for f in files:
+            os.replace(f, out / f.name)
+        staging.rmdir()
+        integrity.write_marker(out, [f.name for f in files if (out / f.name).is_file()],
+                               step=trainer.state.global_step)
 
 
 def stop_on_signal_callback():

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_cli import checkpoints
+from lora_cli.errors import RunFailure
 
 from .conftest import ROOT, TINY_TRAIN, run_cli, write_jsonl
 
@@ -135,7 +136,7 @@ def test_interrupted_final_save_leaves_no_complete_looking_adapter(tiny_llama, d
 
     crash_on_second.calls = 0
     monkeypatch.setattr(checkpoints.os, "replace", crash_on_second)
-    with pytest.raises(OSError):
+    with pytest.raises(RunFailure, match=f"saving the adapter into {out}: the disk is full"):
         checkpoints.save_final(trainer, out)
     assert not (out / "adapter_config.json").exists()
     monkeypatch.setattr(checkpoints.os, "replace", real_replace)

@@ -10,7 +10,7 @@ import traceback
 import warnings
 from typing import Callable
 
-from ..errors import LoraCliError
+from ..errors import LoraCliError, from_library
 
 
 def setup_logging(prog: str, debug: bool) -> None:
@@ -72,6 +72,9 @@ def run_cli(prog: str, argv: list[str] | None, body: Callable[[list[str]], objec
             return _fail(prog, f"disk full while writing {exc.filename or 'output'}: free space and re-run", 1, debug)
         return _fail(prog, f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1, debug)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        known = from_library(exc)
+        if known is not None:
+            return _fail(prog, str(known), known.exit_code, debug)
         if type(exc).__name__ == "OutOfMemoryError":
             return _fail(prog, "out of GPU memory: lower --batch_size or --max_seq_length, keep "
                                "--gradient_checkpointing on, or use --load_in_4bit", 1, debug)
@@ -81,7 +84,15 @@ def run_cli(prog: str, argv: list[str] | None, body: Callable[[list[str]], objec
 
 
 def _fail(prog: str, message: str, code: int, debug: bool) -> int:
+    _close_progress_bars()
     if debug:
         traceback.print_exc()
     print(f"{prog}: error: {message}", file=sys.stderr)
     return code
+
+
+def _close_progress_bars() -> None:
+    """A bar left open by the failure would redraw itself at exit, below the error line: close it first."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()

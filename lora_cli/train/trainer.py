@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .. import chat, checkpoints
+from .. import chat, checkpoints, errors
 from ..config import TrainConfig
 from ..errors import UsageError
 from .dataset import Prepared
@@ -94,16 +94,19 @@ def _trainer_class():
 
         def _save_checkpoint(self, model, trial):
             out = Path(self.args.output_dir)
+            step = self.state.global_step
             self._staging = out / checkpoints.STAGING
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self._staging = None
-            self.accelerator.wait_for_everyone()  # every process has written its part (e.g. its RNG state)
-            if self.args.should_save:
-                step = self.state.global_step
-                checkpoints.finish_checkpoint(out / checkpoints.STAGING / f"checkpoint-{step}", out, step,
-                                              self.keep_checkpoints, self.trained_tokens_total)
+            then = "add --resume to the same command" if checkpoints.complete_checkpoints(out) else \
+                "re-run with --overwrite"
+            with errors.writing(f"saving checkpoint-{step} into {out}", then):
+                try:
+                    super()._save_checkpoint(model, trial)
+                finally:
+                    self._staging = None
+                self.accelerator.wait_for_everyone()  # every process has written its part (e.g. its RNG state)
+                if self.args.should_save:
+                    checkpoints.finish_checkpoint(out / checkpoints.STAGING / f"checkpoint-{step}", out, step,
+                                                  self.keep_checkpoints, self.trained_tokens_total)
 
         @property
         def trained_tokens_total(self) -> int:
