@@ -16,6 +16,12 @@ from typing import Any
 
 from .errors import UsageError
 
+METHODS = ("sft", "dpo", "orpo", "kto")
+# TRL 1.x's loss variants per trainer (DPOConfig.loss_type, KTOConfig.loss_type); the first is the default.
+LOSS_TYPES = {"dpo": ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                      "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"),
+              "kto": ("kto", "apo_zero_unpaired")}
+
 # Keys that steer the command itself: flags only, never YAML keys or part of the saved run config.
 CLI_ONLY = ("config", "debug", "dry_run", "resume", "resume_from_checkpoint", "resume_force")
 
@@ -38,7 +44,8 @@ class TrainConfig:
                    "assistant turns only (end-of-turn token included) unless --train_on_inputs.")
     EPILOG = "Every flag is also a YAML key for --config. Example: lora-train --config configs/demo.yaml"
     GROUPS = {"run": "run", "model": "base model", "data": "data and chat template", "lora": "LoRA",
-              "training": "training", "logging": "logging and checkpoints"}
+              "training": "training", "preference": "preference tuning (--method dpo, orpo, kto)",
+              "logging": "logging and checkpoints"}
 
     # --- run ---------------------------------------------------------------------------------------------------------
     config: str = opt("", "YAML file whose keys are these flag names; flags given on the command line win.",
@@ -138,6 +145,22 @@ class TrainConfig:
     packing: bool = opt(False, "Pack conversations into sequences of --max_seq_length tokens, padding-free, with no "
                                "attention across conversations (fewer, fuller optimizer steps).", group="training")
     seed: int = opt(42, "Random seed for data order, splits and adapter initialisation.", group="training")
+
+    # --- preference tuning -------------------------------------------------------------------------------------------
+    method: str = opt("sft", "What to train on: sft (chat rows), dpo or orpo (rows with prompt, chosen, rejected) or "
+                             "kto (rows with prompt, completion, label), with TRL's trainer of that name.",
+                      group="preference", choices=METHODS)
+    adapter: str = opt("", "Start from this LoRA adapter folder (e.g. an SFT run of lora-train) and continue "
+                           "training it instead of attaching a new one; with dpo and kto the starting adapter, "
+                           "frozen, is the reference model.", group="preference", metavar="DIR")
+    beta: float = opt(0.1, "dpo/kto: how far the model may move from the reference (higher: less); orpo: weight of "
+                           "the odds-ratio term.", group="preference")
+    loss_type: str = opt("", "TRL's loss variant. dpo: sigmoid, ipo, hinge, robust, ...; kto: kto or "
+                             "apo_zero_unpaired. Empty: sigmoid for dpo, kto for kto.", group="preference",
+                         metavar="NAME")
+    max_prompt_length: int = opt(0, "Longest prompt of a preference row in tokens (0: only --max_seq_length "
+                                     "limits); longer prompts follow --truncation (truncate keeps their end).",
+                                 group="preference")
 
     # --- logging and checkpoints -------------------------------------------------------------------------------------
     logging_steps: int = opt(10, "Log the training loss every N optimizer steps.", group="logging")
@@ -364,6 +387,29 @@ def _train_problems(cfg: TrainConfig) -> list[str]:
         errors.append("--target_modules: empty; use all-linear or a list such as q_proj,v_proj")
     if cfg.chat_template and cfg.chat_template != "chatml" and not os.path.isfile(cfg.chat_template):
         errors.append(f"--chat_template: {cfg.chat_template!r} is neither 'chatml' nor an existing .jinja file")
+    return errors + _preference_problems(cfg)
+
+
+def _preference_problems(cfg: TrainConfig) -> list[str]:
+    errors: list[str] = []
+    if cfg.adapter and not os.path.isfile(os.path.join(cfg.adapter, "adapter_config.json")):
+        errors.append(f"--adapter {cfg.adapter}: not a LoRA adapter folder (no adapter_config.json)")
+    if cfg.method == "sft":
+        return errors
+    allowed = LOSS_TYPES.get(cfg.method, ())
+    if cfg.loss_type and cfg.loss_type not in allowed:
+        errors.append(f"--loss_type {cfg.loss_type!r} is not a {cfg.method} loss" +
+                      (f"; choose one of {', '.join(allowed)}" if allowed else f" ({cfg.method} has one loss)"))
+    if cfg.beta <= 0:
+        errors.append(f"--beta: must be > 0, got {cfg.beta}")
+    if cfg.max_prompt_length < 0 or cfg.max_prompt_length >= cfg.max_seq_length:
+        errors.append(f"--max_prompt_length: must be >= 0 and below --max_seq_length {cfg.max_seq_length}, "
+                      f"got {cfg.max_prompt_length}")
+    for flag in ("packing", "train_on_inputs"):
+        if getattr(cfg, flag):
+            errors.append(f"--{flag} is for --method sft; {cfg.method} scores whole answers")
+    if cfg.method == "kto" and cfg.batch_size < 2:
+        errors.append("--method kto needs --batch_size >= 2 (its KL term pairs each prompt with another row's answer)")
     return errors
 
 

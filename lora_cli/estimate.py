@@ -18,15 +18,20 @@ class Estimate:
     activations: int
     logits: int
     overhead: int = RUNTIME_OVERHEAD
+    reference: int = 0  # dpo/kto: the reference model's no-grad forward, one layer's activations and its logits
+
 
     @property
     def total(self) -> int:
-        return self.weights + self.adapter_and_optimizer + self.activations + self.logits + self.overhead
+        return (self.weights + self.adapter_and_optimizer + self.activations + self.logits + self.reference
+                + self.overhead)
 
     def lines(self) -> list[str]:
         rows = [("base weights", self.weights), ("adapter + gradients + optimizer", self.adapter_and_optimizer),
                 ("activations", self.activations), ("logits at trained positions (fp32)", self.logits),
                 ("CUDA context and allocator slack", self.overhead)]
+        if self.reference:
+            rows.insert(4, ("reference forward (no grad)", self.reference))
         return [f"  {name:<34} {size / GIB:7.2f} GiB" for name, size in rows] + [
             f"  {'total (estimate, +-30%)':<34} {self.total / GIB:7.2f} GiB"]
 
@@ -42,7 +47,8 @@ def meta_model(base_path: str, trust_remote_code: bool = False) -> Any:
 
 
 def estimate(model: Any, *, precision: str, quantization: str | None, optim: str, batch_size: int,
-             seq_len: int, gradient_checkpointing: bool, trained_fraction: float = 1.0) -> Estimate:
+             seq_len: int, gradient_checkpointing: bool, trained_fraction: float = 1.0,
+             reference_forward: bool = False) -> Estimate:
     """Memory of one training step on one GPU for a (meta) PeftModel with LoRA attached."""
     config = model.config
     hidden = config.hidden_size
@@ -73,4 +79,6 @@ def estimate(model: Any, *, precision: str, quantization: str | None, optim: str
                    else per_layer * layers)
     # TRL's fused LM head projects only the positions in the loss (in tiles), never the whole batch's logits.
     logits = int(tokens * trained_fraction * vocab * 4 * 2)
-    return Estimate(total, trainable, weights, adapter_and_optimizer, activations, logits)
+    # No graph is kept: one layer's activations at a time, then the logits of the scored positions.
+    reference = per_layer + logits // 2 if reference_forward else 0
+    return Estimate(total, trainable, weights, adapter_and_optimizer, activations, logits, reference=reference)

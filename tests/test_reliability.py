@@ -29,7 +29,7 @@ class SignalAt(TrainerCallback):
         if state.global_step == AT:
             os.kill(os.getpid(), SIG)
 original = t.progress_callbacks
-t.progress_callbacks = lambda: original() + [SignalAt()]
+t.progress_callbacks = lambda *a: original(*a) + [SignalAt()]
 from lora_cli.cli.train import main
 main(sys.argv[3:])
 """

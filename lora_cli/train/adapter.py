@@ -31,6 +31,8 @@ def attach_lora(model: Any, cfg: TrainConfig) -> Any:
         # Gradient checkpointing is left to the trainer (decided once the adapter's size is known); non-reentrant
         # checkpointing needs no input gradients.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.adapter:
+        return continue_adapter(model, cfg.adapter)
     targets: str | list[str] = "all-linear" if cfg.target_modules == "all-linear" else split_list(cfg.target_modules)
     lora = LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
@@ -49,6 +51,21 @@ def attach_lora(model: Any, cfg: TrainConfig) -> Any:
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA r=%d alpha=%d on %s: %s trainable parameters (%.2f%% of %s)", cfg.lora_r, cfg.lora_alpha,
              cfg.target_modules, f"{trainable:,}", 100 * trainable / total, f"{total:,}")
+    return model
+
+
+def continue_adapter(model: Any, path: str) -> Any:
+    """--adapter: the adapter trained further, with the rank, targets and weights it was saved with."""
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(model, path, is_trainable=True)
+    except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatches and missing modules
+        raise UsageError(f"--adapter {path}: does not fit the base model ({' '.join(str(exc).split())[:200]}); "
+                         "pass the --base_model it was trained on") from None
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("continuing the LoRA adapter %s (r=%d; the --lora_* flags do not apply): %s trainable parameters",
+             path, model.peft_config["default"].r, f"{trainable:,}")
     return model
 
 

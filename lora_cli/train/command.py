@@ -37,9 +37,10 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     check_output_dir(out, cfg.overwrite or resuming)
     precision = models.choose_precision(cfg.precision)
     check_quantization_available(cfg)
-    prepared = prepare(cfg)
+    prepare_data, plan_steps, build = method_steps(cfg)
+    prepared = prepare_data(cfg)
     if cfg.dry_run:
-        return dry_run(cfg, prepared, precision)
+        return dry_run(cfg, prepared, precision, plan_steps)
     data_hashes = checkpoints.fingerprint(train_path=cfg.train_path, eval_path=cfg.eval_path)
     resume_from = find_resume_checkpoint(cfg, out, data_hashes) if resuming else None
     log.info("loading %s (%s%s)", prepared.base.display, precision,
@@ -52,22 +53,32 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                               attn_implementation=cfg.attn_implementation)
     model = attach_lora(model, cfg)
     check_disk_space(out, model, cfg.save_total_limit)
-    plan = step_plan(cfg, model, precision, prepared.train_stats)
+    plan = plan_steps(cfg, model, precision, prepared.train_stats)
     resumed_tokens = checkpoints.checkpoint_info(resume_from).get("trained_tokens", 0) if resume_from else 0
     with training_only(model, plan, precision, cfg.use_dora) as per_sequence:
         log.info("each optimizer step: %s", plan.describe(per_sequence))
-        trainer = build_trainer(cfg, model, prepared, plan, precision, resumed_tokens)
+        trainer = build(cfg, model, prepared, plan, precision, resumed_tokens)
         return run_training(cfg, trainer, prepared, out, resume_from, data_hashes)
 
 
-def dry_run(cfg: TrainConfig, prepared: Prepared, precision: str) -> dict[str, Any]:
+def method_steps(cfg: TrainConfig) -> tuple[Any, Any, Any]:
+    """(prepare, step_plan, build_trainer) for --method: SFT here, preference tuning in lora_cli.preference."""
+    if cfg.method == "sft":
+        return prepare, step_plan, build_trainer
+    from ..preference import training
+
+    return training.prepare, training.step_plan, training.build_trainer
+
+
+def dry_run(cfg: TrainConfig, prepared: Prepared, precision: str, plan_steps: Any = step_plan) -> dict[str, Any]:
     from .. import estimate
 
     model = attach_lora(estimate.meta_model(prepared.base.path, cfg.trust_remote_code), cfg)
     stats = prepared.train_stats
-    plan = step_plan(cfg, model, precision, stats)
+    plan = plan_steps(cfg, model, precision, stats)
     est = estimate.estimate(model, precision=precision, quantization=quantization(cfg), optim=cfg.optim,
-                            batch_size=plan.micro_batch, seq_len=plan.seq_len,
+                            batch_size=plan.micro_batch * plan.sequences_per_row, seq_len=plan.seq_len,
+                            reference_forward=plan.reference_forward,
                             gradient_checkpointing=plan.gradient_checkpointing,
                             trained_fraction=stats.trained_tokens / max(1, stats.tokens))
     steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(

@@ -19,6 +19,8 @@ class StepPlan:
     padding_free: bool  # one row per micro-batch, position ids restarting per conversation
     seq_len: int  # the longest sequence a micro-batch may hold
     gradient_checkpointing: bool
+    sequences_per_row: int = 1  # preference pairs: the chosen and the rejected answer each make a sequence
+    reference_forward: bool = False  # dpo/kto: a no-grad forward of the reference model per micro-batch
 
     def describe(self, per_sequence: bool = False) -> str:
         batches = f"{self.accumulation} {'padding-free' if self.padding_free else 'padded'} micro-batch"

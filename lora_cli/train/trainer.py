@@ -16,26 +16,68 @@ from .plan import StepPlan, cuda_available
 log = logging.getLogger("lora_cli")
 
 
+class LoraCliTrainer:
+    """What every lora-train trainer (SFT, DPO, ORPO, KTO) adds to TRL's, mixed in before it: it counts the tokens
+    that carry a loss (TRL counts every input token), saves checkpoints atomically (transformers writes them in place
+    and prunes old ones before the new one is whole) and prints each log as one short line."""
+
+    LOGGED = ("loss", "eval_loss", "learning_rate", "grad_norm")
+
+    def __init__(self, *args, keep_checkpoints: int = 0, trained_tokens_resumed: int = 0, **kwargs):
+        self.keep_checkpoints = keep_checkpoints  # pruned here, only once the newest checkpoint is complete
+        self.trained_tokens_resumed = trained_tokens_resumed  # before the checkpoint this run resumed from
+        self.trained_tokens = 0  # in this process
+        self._staging: Path | None = None
+        super().__init__(*args, **kwargs)
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        self.remove_callback(PrinterCallback)  # the trainer always adds its own printer: ours replace it
+        self.remove_callback(ProgressCallback)
+        for callback in progress_callbacks(self.LOGGED):
+            self.add_callback(callback)
+
+    def count_trained(self, inputs: dict[str, Any]) -> Any:
+        """How many tokens of this micro-batch carry the loss."""
+        return (inputs["labels"] != chat.IGNORE_INDEX).sum()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        trained = self.count_trained(inputs)
+        self.trained_tokens += int(self.accelerator.reduce(trained, reduction="sum"))  # over all processes
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _save_checkpoint(self, model, trial):
+        out = Path(self.args.output_dir)
+        step = self.state.global_step
+        self._staging = out / checkpoints.STAGING
+        then = "add --resume to the same command" if checkpoints.complete_checkpoints(out) else \
+            "re-run with --overwrite"
+        with errors.writing(f"saving checkpoint-{step} into {out}", then):
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging = None
+            self.accelerator.wait_for_everyone()  # every process has written its part (e.g. its RNG state)
+            if self.args.should_save:
+                checkpoints.finish_checkpoint(out / checkpoints.STAGING / f"checkpoint-{step}", out, step,
+                                              self.keep_checkpoints, self.trained_tokens_total)
+
+    @property
+    def trained_tokens_total(self) -> int:
+        return self.trained_tokens_resumed + self.trained_tokens
+
+    def _get_output_dir(self, trial):
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+
 def _trainer_class():
     from trl import SFTTrainer
 
-    class LoraSFTTrainer(SFTTrainer):
-        """SFTTrainer that counts the tokens that carry a loss (TRL counts every input token) and saves checkpoints
-        atomically (transformers writes them in place and prunes old ones before the new one is whole)."""
+    class LoraSFTTrainer(LoraCliTrainer, SFTTrainer):
+        """SFTTrainer with lora-train's checkpoints and token counts, and a compact loss off Triton devices."""
 
-        def __init__(self, *args, keep_checkpoints: int = 0, trained_tokens_resumed: int = 0, **kwargs):
-            self.keep_checkpoints = keep_checkpoints  # pruned here, only once the newest checkpoint is complete
-            self.trained_tokens_resumed = trained_tokens_resumed  # before the checkpoint this run resumed from
-            self.trained_tokens = 0  # in this process
-            self.compact_loss_usable = True
-            self._staging: Path | None = None
-            super().__init__(*args, **kwargs)
-            from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-            self.remove_callback(PrinterCallback)  # the trainer always adds its own printer: ours replace it
-            self.remove_callback(ProgressCallback)
-            for callback in progress_callbacks():
-                self.add_callback(callback)
+        LOGGED = ("loss", "eval_loss", "learning_rate", "grad_norm", "mean_token_accuracy",
+                  "eval_mean_token_accuracy")
+        compact_loss_usable = True
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # TRL's fused LM head scores only the trained positions on Triton devices; elsewhere (CPU) it projects
@@ -87,34 +129,6 @@ def _trainer_class():
                 self._total_train_tokens += int(gather(local).sum())
                 self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            trained = (inputs["labels"] != chat.IGNORE_INDEX).sum()
-            self.trained_tokens += int(self.accelerator.reduce(trained, reduction="sum"))  # over all processes
-            return super().training_step(model, inputs, num_items_in_batch)
-
-        def _save_checkpoint(self, model, trial):
-            out = Path(self.args.output_dir)
-            step = self.state.global_step
-            self._staging = out / checkpoints.STAGING
-            then = "add --resume to the same command" if checkpoints.complete_checkpoints(out) else \
-                "re-run with --overwrite"
-            with errors.writing(f"saving checkpoint-{step} into {out}", then):
-                try:
-                    super()._save_checkpoint(model, trial)
-                finally:
-                    self._staging = None
-                self.accelerator.wait_for_everyone()  # every process has written its part (e.g. its RNG state)
-                if self.args.should_save:
-                    checkpoints.finish_checkpoint(out / checkpoints.STAGING / f"checkpoint-{step}", out, step,
-                                                  self.keep_checkpoints, self.trained_tokens_total)
-
-        @property
-        def trained_tokens_total(self) -> int:
-            return self.trained_tokens_resumed + self.trained_tokens
-
-        def _get_output_dir(self, trial):
-            return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
-
     return LoraSFTTrainer
 
 
@@ -147,13 +161,29 @@ def build_trainer(cfg: TrainConfig, model: Any, prepared: Prepared, plan: StepPl
     """The trainer for this run; the model is already in its training-only state (adapter.training_only)."""
     from trl import SFTConfig
 
-    has_eval = prepared.eval is not None
     args = SFTConfig(
+        **training_arguments(cfg, plan, precision, has_eval=prepared.eval is not None),
+        padding_free=plan.padding_free,  # one row per micro-batch, position ids restart per conversation, no padding
+        use_liger_kernel=_liger_available(),  # fused RMSNorm/SwiGLU/RoPE kernels on CUDA; TRL fuses the LM head
+        # Rows are already cut to --max_seq_length (and counted) by encode_rows; packing needs it as the bin size.
+        max_length=cfg.max_seq_length if cfg.packing else None,
+        packing=cfg.packing,
+        packing_strategy="bfd",  # whole conversations only; with padding-free batches, no cross-attention
+    )
+    trainer = _trainer_class()(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
+                               processing_class=prepared.tokenizer,
+                               keep_checkpoints=cfg.save_total_limit, trained_tokens_resumed=trained_tokens_resumed)
+    check_launch(cfg, args)
+    return trainer
+
+
+def training_arguments(cfg: TrainConfig, plan: StepPlan, precision: str, has_eval: bool) -> dict[str, Any]:
+    """The TrainingArguments every lora-train method shares (SFTConfig, DPOConfig, ORPOConfig, KTOConfig take them)."""
+    return dict(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=plan.micro_batch,
         per_device_eval_batch_size=plan.micro_batch,
         gradient_accumulation_steps=plan.accumulation,
-        padding_free=plan.padding_free,  # one row per micro-batch, position ids restart per conversation, no padding
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
@@ -166,26 +196,21 @@ def build_trainer(cfg: TrainConfig, model: Any, prepared: Prepared, plan: StepPl
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         activation_checkpointing=plan.gradient_checkpointing,
-        use_liger_kernel=_liger_available(),  # fused RMSNorm/SwiGLU/RoPE kernels on CUDA; TRL fuses the LM head
         activation_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=cfg.logging_steps,
         save_steps=cfg.save_steps,
-        save_total_limit=None,  # pruned by LoraSFTTrainer, only once the newest checkpoint is complete
+        save_total_limit=None,  # pruned by LoraCliTrainer, only once the newest checkpoint is complete
         eval_strategy="steps" if has_eval else "no",
         eval_steps=cfg.eval_steps or cfg.save_steps,
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         ddp_find_unused_parameters=False,  # every LoRA weight takes part in each step: skip DDP's extra graph walk
         use_cpu=not cuda_available(),  # without it transformers ignores a torchrun/accelerate launch on CPU
-        # Rows are already cut to --max_seq_length (and counted) by encode_rows; packing needs it as the bin size.
-        max_length=cfg.max_seq_length if cfg.packing else None,
-        packing=cfg.packing,
-        packing_strategy="bfd",  # whole conversations only; with padding-free batches, no cross-attention
         dataset_num_proc=None,
         model_init_kwargs=None,
     )
-    trainer = _trainer_class()(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
-                               processing_class=prepared.tokenizer,
-                               keep_checkpoints=cfg.save_total_limit, trained_tokens_resumed=trained_tokens_resumed)
+
+
+def check_launch(cfg: TrainConfig, args: Any) -> None:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != args.world_size:  # never train N independent copies that overwrite each other's outputs
         raise UsageError(f"launched as {launched} processes but training sees {args.world_size}; check the "
@@ -194,7 +219,6 @@ def build_trainer(cfg: TrainConfig, model: Any, prepared: Prepared, plan: StepPl
         log.info("%d processes: effective batch %d conversations (micro-batch %d x accumulation %d x %d processes)",
                  args.world_size, cfg.batch_size * cfg.gradient_accumulation_steps * args.world_size,
                  cfg.batch_size, cfg.gradient_accumulation_steps, args.world_size)
-    return trainer
 
 
 def _liger_available() -> bool:
@@ -203,16 +227,13 @@ def _liger_available() -> bool:
     return cuda_available() and importlib.util.find_spec("liger_kernel") is not None
 
 
-LOGGED = ("loss", "eval_loss", "learning_rate", "grad_norm", "mean_token_accuracy", "eval_mean_token_accuracy")
-
-
-def progress_callbacks() -> list[Any]:
+def progress_callbacks(logged: tuple[str, ...]) -> list[Any]:
     """Keep the progress bar, but print each log as one short line instead of the trainer's metric dicts."""
     from transformers.trainer_callback import ProgressCallback
 
     class CompactProgress(ProgressCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            parts = [f"{key} {logs[key]:.4g}" for key in LOGGED if isinstance((logs or {}).get(key), (int, float))]
+            parts = [f"{key} {logs[key]:.4g}" for key in logged if isinstance((logs or {}).get(key), (int, float))]
             if state.is_world_process_zero and parts:
                 line = f"step {state.global_step}/{state.max_steps}: " + ", ".join(parts)
                 (self.training_bar.write if self.training_bar is not None else log.info)(line)
