@@ -1,13 +1,18 @@
-"""Chat templates and assistant-only loss masks that work for any template.
+"""Chat templates and assistant-only loss masks that are right by construction, or an error.
 
-Few templates carry `{% generation %}` markers, so assistant spans are found by rendering the conversation prefix by
-prefix: the text an assistant turn adds after the generation prompt is what the model must learn to produce, cut
-right after its end-of-turn token (so the model learns to stop, but not the newline a template puts after it).
+Each assistant turn's trained span runs from the end of the generation prompt to its end-of-turn token, located
+structurally, never by searching for the answer's text: a template with `{% generation %}` markers gives the spans
+itself; for any other, the turn is rendered once more with its whole payload replaced by a unique sentinel, and the
+text before the sentinel (history + header) and after it (end of turn + rest of the conversation) must then be an
+exact prefix and suffix of the real rendering. What lies between is that turn alone. When the renderings do not line
+up so, the conversation cannot be masked with certainty and DataError says where and what to do (--chat_template).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,9 @@ from .errors import DataError, UsageError
 log = logging.getLogger("lora_cli")
 
 IGNORE_INDEX = -100
+TEMPLATE_KWARGS = "_lora_cli_chat_template_kwargs"  # tokenizer attribute: --chat_template_kwargs, for every render
+_GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_HINT = "pass --chat_template with a template that renders it (see README: tool calls and reasoning)"
 
 
 def chatml_template(end_of_turn: str) -> str:
@@ -25,8 +33,10 @@ def chatml_template(end_of_turn: str) -> str:
             "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
-def resolve_chat_template(tokenizer: Any, override: str) -> str:
-    """Set and return the template to train with: --chat_template, else the model's own, else ChatML (warned)."""
+def resolve_chat_template(tokenizer: Any, override: str, template_kwargs: dict[str, Any] | None = None) -> str:
+    """Set and return the template to train with: --chat_template, else the model's own, else ChatML (warned).
+    `template_kwargs` (--chat_template_kwargs, e.g. enable_thinking) are kept on the tokenizer for every render."""
+    setattr(tokenizer, TEMPLATE_KWARGS, dict(template_kwargs or {}))
     if override and override != "chatml":
         template = Path(override).read_text(encoding="utf-8")
         source = override
@@ -50,8 +60,47 @@ def resolve_chat_template(tokenizer: Any, override: str) -> str:
     return template
 
 
-def render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+TEMPLATE_KWARGS_HELP = ("Extra variables for the chat template, as a JSON object (YAML: a mapping), e.g. "
+                        "'{\"enable_thinking\": false}' for Qwen3. Used wherever the template renders: training, "
+                        "lora-data, lora-eval.")
+# apply_chat_template's own arguments: not template variables.
+_RESERVED = {"messages", "conversation", "tools", "documents", "add_generation_prompt", "continue_final_message",
+             "tokenize", "chat_template", "return_dict", "return_assistant_tokens_mask", "padding", "truncation",
+             "max_length", "return_tensors", "tokenizer_kwargs"}
+
+
+def parse_template_kwargs(text: str) -> dict[str, Any]:
+    """--chat_template_kwargs as a mapping (config validation has checked it)."""
+    return json.loads(text) if text.strip() else {}
+
+
+def template_kwargs_problem(text: str) -> str | None:
+    if not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        return f"--chat_template_kwargs: not valid JSON ({exc})"
+    if not isinstance(value, dict):
+        return f"--chat_template_kwargs: expected a JSON object such as '{{\"enable_thinking\": false}}', got {text!r}"
+    clash = sorted(_RESERVED & set(value))
+    if clash:
+        return f"--chat_template_kwargs: {', '.join(clash)} cannot be set here (lora_cli sets it)"
+    return None
+
+
+def template_kwargs(tokenizer: Any) -> dict[str, Any]:
+    return getattr(tokenizer, TEMPLATE_KWARGS, None) or {}
+
+
+def render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False,
+           tools: list[dict] | None = None) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, **template_kwargs(tokenizer))
+
+
+def model_name(tokenizer: Any) -> str:
+    return getattr(tokenizer, "name_or_path", "") or "the model"
 
 
 def _special_strings(tokenizer: Any) -> list[str]:
@@ -69,46 +118,139 @@ class Span:
     has_end_of_turn: bool  # a special token closes the turn inside the span
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict], where: str = "") -> tuple[str, list[Span]]:
+@dataclass
+class Rendered:
+    """A conversation as the template renders it, with each assistant turn's trained span."""
+
+    text: str
+    spans: list[Span]
+    reasoning_turns: int = 0  # assistant turns that carry reasoning (reasoning_content or inline </think>)
+    reasoning_rendered: int = 0  # ... of which the template renders the reasoning (so it is trained)
+
+
+def assistant_spans(tokenizer: Any, messages: list[dict], where: str = "",
+                    tools: list[dict] | None = None) -> tuple[str, list[Span]]:
     """The rendered conversation and the character span of each assistant turn's trained text."""
-    text = render(tokenizer, messages)
+    found = locate_turns(tokenizer, messages, where, tools)
+    return found.text, found.spans
+
+
+def locate_turns(tokenizer: Any, messages: list[dict], where: str = "", tools: list[dict] | None = None) -> Rendered:
+    text = _render_checked(tokenizer, messages, where, tools)
+    _check_tool_support(tokenizer, messages, text, where, tools)
+    if _GENERATION.search(tokenizer.chat_template or ""):
+        spans = _generation_spans(tokenizer, messages, text, where, tools)
+    else:
+        spans = [_turn_span(tokenizer, messages, i, text, where, tools)
+                 for i, m in enumerate(messages) if m["role"] == "assistant"]
+    found = Rendered(text, spans)
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and _has_reasoning(m):
+            found.reasoning_turns += 1
+            found.reasoning_rendered += _render_checked(tokenizer, _without_reasoning(messages, i), where, tools) != text
+    return found
+
+
+def _render_checked(tokenizer: Any, messages: list[dict], where: str, tools: list[dict] | None,
+                    add_generation_prompt: bool = False) -> str:
+    try:
+        return render(tokenizer, messages, add_generation_prompt, tools)
+    except Exception as exc:  # jinja and templates' raise_exception raise several types
+        what = "this conversation" if not tools and not any(m["role"] == "tool" or m.get("tool_calls")
+                                                            for m in messages) else "this tool-calling conversation"
+        raise DataError(f"{where}: the chat template of {model_name(tokenizer)} cannot render {what}: "
+                        f"{' '.join(str(exc).split())[:200]}; {_HINT}") from None
+
+
+def _check_tool_support(tokenizer: Any, messages: list[dict], text: str, where: str,
+                        tools: list[dict] | None) -> None:
+    """A template that silently drops tool definitions or calls would train answers without the calls: refuse."""
+    if tools and _render_checked(tokenizer, messages, where, None) == text:
+        raise DataError(f"{where}: the chat template of {model_name(tokenizer)} does not render the row's 'tools' "
+                        f"(it has no tool support); {_HINT}")
+    for i, m in enumerate(messages):
+        if m.get("tool_calls"):
+            plain = [*messages[:i], {k: v for k, v in m.items() if k != "tool_calls"}, *messages[i + 1:]]
+            if _render_checked(tokenizer, plain, where, tools) == text:
+                raise DataError(f"{where}: the chat template of {model_name(tokenizer)} does not render the tool "
+                                f"calls of message {i + 1} (it has no tool support); {_HINT}")
+
+
+def _has_reasoning(message: dict) -> bool:
+    return bool(message.get("reasoning_content", "").strip()) or "</think>" in message["content"]
+
+
+def _without_reasoning(messages: list[dict], i: int) -> list[dict]:
+    m = {k: v for k, v in messages[i].items() if k != "reasoning_content"}
+    if "</think>" in m["content"]:
+        m["content"] = m["content"].split("</think>")[-1].lstrip("\n")
+    return [*messages[:i], m, *messages[i + 1:]]
+
+
+def _sentinel(text: str) -> str:
+    """A string no rendering contains: private-use characters, lengthened until absent."""
+    sentinel = "\ue000lora-cli-turn\ue001"
+    while sentinel in text:
+        sentinel += "\ue002"
+    return sentinel
+
+
+def _turn_span(tokenizer: Any, messages: list[dict], i: int, text: str, where: str,
+               tools: list[dict] | None) -> Span:
+    """Assistant message i's span in `text`: from the end of the generation prompt to its end-of-turn token."""
+    def uncertain(why: str) -> DataError:
+        return DataError(f"{where}: assistant message {i + 1} cannot be masked with certainty under the chat "
+                         f"template of {model_name(tokenizer)} ({why}); {_HINT}, or check --chat_template_kwargs")
+
+    history = _render_checked(tokenizer, messages[:i], where, tools) if i else ""
+    prompt = _render_checked(tokenizer, messages[:i], where, tools, add_generation_prompt=True) if i else ""
+    if not (text.startswith(history) and prompt.startswith(history)):
+        raise uncertain("the conversation before it renders differently on its own")
+    sentinel = _sentinel(text)
+    marked = _render_checked(tokenizer, [*messages[:i], {"role": "assistant", "content": sentinel},
+                                         *messages[i + 1:]], where, tools)
+    if marked.count(sentinel) != 1:
+        raise uncertain("the template does not render an answer exactly once")
+    before, after = marked.split(sentinel)
+    if not text.endswith(after) or len(text) - len(after) < len(history):
+        raise uncertain("the rest of the conversation renders differently around it")
+    header, rest = prompt[len(history):], text[len(history):]
+    if rest.startswith(header):  # trained from where generation starts (e.g. Qwen3's empty <think> block included)
+        start = len(prompt)
+    elif before.startswith(history) and rest.startswith(before[len(history):]):
+        start = len(before)  # the template renders this turn's header unlike the generation prompt
+    else:
+        raise uncertain("its header differs from the generation prompt")
+    payload_end = len(text) - len(after)
+    if payload_end < start:
+        raise uncertain("its header overlaps the rest of the conversation")
+    gap = len(after) - len(after.lstrip(" \t\r\n"))
+    for special in _special_strings(tokenizer):
+        if after.startswith(special, gap):
+            return Span(start, payload_end + gap + len(special), True)
+    return Span(start, payload_end, False)
+
+
+def _generation_spans(tokenizer: Any, messages: list[dict], text: str, where: str,
+                      tools: list[dict] | None) -> list[Span]:
+    """The spans a template's own {% generation %} markers give (exact by definition)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, indices = render_jinja_template(
+        conversations=[messages], tools=tools, chat_template=tokenizer.chat_template,
+        return_assistant_tokens_mask=True, **{**tokenizer.special_tokens_map, **template_kwargs(tokenizer)})
+    if rendered[0] != text:
+        raise DataError(f"{where}: the chat template's generation markers render differently from the template; "
+                        f"{_HINT}")
     specials = _special_strings(tokenizer)
-    spans: list[Span] = []
-    cursor = 0
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        content = message["content"].strip()
-        start = end = None
-        try:
-            before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-            after = render(tokenizer, messages[: i + 1])
-            if text.startswith(after) and after.startswith(before) and len(before) >= cursor:
-                start, end = len(before), len(after)
-        except Exception:  # some templates refuse partial conversations; fall back to locating the content
-            pass
-        if start is None or text.find(content, start, end) < 0:
-            # The template renders earlier turns differently from the last one: find the content itself.
-            start = text.find(content, cursor)
-            if start < 0:
-                raise DataError(f"{where}: the chat template does not render assistant message {i + 1} verbatim, "
-                                "so its tokens cannot be located; use --chat_template")
-            end = len(text)
-            next_start = [text.find(m["content"].strip(), start + len(content))
-                          for m in messages[i + 1:] if m["content"].strip()]
-            if next_start and next_start[0] >= 0:
-                end = next_start[0]
-        content_end = text.find(content, start, end) + len(content)
-        tail = text[content_end:end]
-        hits = [(tail.find(s), s) for s in specials if s in tail]
-        if hits:
-            pos, token = min(hits)
-            end, closed = content_end + pos + len(token), True
-        else:
-            end, closed = content_end + len(tail.rstrip()), False
-        spans.append(Span(start, end, closed))
-        cursor = end
-    return text, spans
+    spans = []
+    for start, end in indices[0]:
+        inner = text[start:end].rstrip()
+        spans.append(Span(start, end, any(inner.endswith(s) for s in specials)))
+    if len(spans) != sum(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: the chat template's generation markers do not enclose each assistant turn once; "
+                        f"{_HINT}")
+    return spans
 
 
 @dataclass
@@ -117,15 +259,19 @@ class Encoded:
     labels: list[int]
     turns: int  # assistant turns
     turns_with_end: int  # assistant turns whose end-of-turn token is trained
+    reasoning_turns: int = 0  # assistant turns that carry reasoning
+    reasoning_trained: int = 0  # ... whose reasoning the template renders, so it is in the loss
 
     @property
     def trained(self) -> int:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
-def encode(tokenizer: Any, messages: list[dict], train_on_inputs: bool = False, where: str = "") -> Encoded:
+def encode(tokenizer: Any, messages: list[dict], train_on_inputs: bool = False, where: str = "",
+           tools: list[dict] | None = None) -> Encoded:
     """Token ids and labels (-100 outside assistant turns, unless train_on_inputs) for one conversation."""
-    text, spans = assistant_spans(tokenizer, messages, where)
+    found = locate_turns(tokenizer, messages, where, tools)
+    text, spans = found.text, found.spans
     if tokenizer.is_fast:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
@@ -139,16 +285,22 @@ def encode(tokenizer: Any, messages: list[dict], train_on_inputs: bool = False, 
     # A token overlapping a span is trained: with a generation prompt ending in a space ("assistant: "), the first
     # answer token (" Hello") starts inside the prompt and would otherwise never be learned.
     in_span = [any(start < s.end and max(end, start + 1) > s.start for s in spans) for start, end in offsets]
+    for start, end in offsets:  # one token across a turn's end would train text of the turn after it
+        if any(start < s.end < end for s in spans):
+            raise DataError(f"{where}: a token spans the end of an assistant turn ({text[start:end]!r}), so the "
+                            f"mask cannot stop exactly at the turn's end; {_HINT}")
     labels = list(ids) if train_on_inputs else [t if keep else IGNORE_INDEX for t, keep in zip(ids, in_span)]
     if _missing_bos(tokenizer, ids):
         ids, labels = [tokenizer.bos_token_id, *ids], [IGNORE_INDEX, *labels]
-    return Encoded(ids, labels, len(spans), sum(s.has_end_of_turn for s in spans))
+    return Encoded(ids, labels, len(spans), sum(s.has_end_of_turn for s in spans), found.reasoning_turns,
+                   found.reasoning_rendered)
 
 
-def encode_prompt(tokenizer: Any, messages: list[dict]) -> list[int]:
+def encode_prompt(tokenizer: Any, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """Token ids of a conversation so far plus the generation prompt: the input from which the model answers,
     tokenised as encode() tokenises the same text in training."""
-    ids = tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    text = render(tokenizer, messages, add_generation_prompt=True, tools=tools)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return [tokenizer.bos_token_id, *ids] if _missing_bos(tokenizer, ids) else ids
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .chat import TEMPLATE_KWARGS_HELP, template_kwargs_problem
 from .errors import UsageError
 
 METHODS = ("sft", "dpo", "orpo", "kto")
@@ -97,6 +99,7 @@ class TrainConfig:
     chat_template: str = opt("", "Override the model's chat template: 'chatml' or a path to a .jinja file. Empty: "
                                  "the model's own (ChatML with a warning when it has none).", group="data",
                              metavar="NAME|PATH")
+    chat_template_kwargs: str = opt("", TEMPLATE_KWARGS_HELP, group="data", metavar="JSON")
     train_on_inputs: bool = opt(False, "Train on every token (system and user text too) instead of only the "
                                        "assistant turns and their end-of-turn token.", group="data")
     data_cache: bool = opt(True, "Keep the tokenised rows in ~/.cache/lora_cli/datasets (or "
@@ -250,6 +253,8 @@ def _coerce(name: str, value: Any, kind: type, where: str, nullable: bool = Fals
             return float(value), None
         except (TypeError, ValueError):
             return None, f"{where}: expected a number, got {value!r}"
+    if isinstance(value, dict) and name == "chat_template_kwargs":  # a YAML mapping; flags give it as JSON text
+        return json.dumps(value), None
     if isinstance(value, (list, tuple)) and name in ("target_modules", "modules_to_save"):
         return ",".join(str(v) for v in value), None
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -387,6 +392,7 @@ def _train_problems(cfg: TrainConfig) -> list[str]:
         errors.append("--target_modules: empty; use all-linear or a list such as q_proj,v_proj")
     if cfg.chat_template and cfg.chat_template != "chatml" and not os.path.isfile(cfg.chat_template):
         errors.append(f"--chat_template: {cfg.chat_template!r} is neither 'chatml' nor an existing .jinja file")
+    errors += [p for p in [template_kwargs_problem(cfg.chat_template_kwargs)] if p]
     return errors + _preference_problems(cfg)
 
 

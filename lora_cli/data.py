@@ -1,7 +1,10 @@
 """Read chat datasets and normalise every supported row format to OpenAI-style `messages`.
 
 Supported rows: {"messages": [...]}, ShareGPT {"conversations": [{"from", "value"}]}, Alpaca
-{"instruction", "input", "output"}, and {"prompt", "completion"} (strings or message lists).
+{"instruction", "input", "output"}, and {"prompt", "completion"} (strings or message lists). Tool calling: OpenAI
+`tool_calls` on assistant messages, `role: "tool"` results and a row-level `tools` list; ShareGPT `function_call` and
+`observation` turns. Reasoning: an assistant message's `reasoning_content` is kept (inline <think> stays in the
+content); the chat template decides what of it is rendered.
 Files: .jsonl and .csv (read here, so errors name the line), .json, and .parquet (via `datasets`).
 Every problem raises DataError naming the file and the line (or row) and what is wrong.
 """
@@ -12,24 +15,26 @@ import csv
 import io
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import DataError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT speaker names, normalised to OpenAI roles.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+                  "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+                  "function_call": "function_call", "observation": "tool", "tool": "tool"}
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 DATASETS_SUFFIXES = {".parquet": "parquet"}
 
 
 @dataclass
 class Conversation:
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     where: str  # "path:line" or "path:row N", for messages that point back at the source
+    tools: list[dict[str, Any]] | None = field(default=None)  # the row's tool definitions, passed to the template
 
 
 def load_conversations(path: str) -> list[Conversation]:
@@ -38,7 +43,7 @@ def load_conversations(path: str) -> list[Conversation]:
     if not p.is_file():
         raise DataError(f"{path}: file not found")
     rows = _read_rows(p, p.suffix.lower())
-    conversations = [Conversation(normalise_row(row, where), where) for where, row in rows]
+    conversations = [Conversation(normalise_row(row, where), where, row_tools(row, where)) for where, row in rows]
     if not conversations:
         raise DataError(f"{path}: no rows (the file is empty)")
     return conversations
@@ -201,7 +206,7 @@ def row_format(row: Any) -> str | None:
     return None
 
 
-def normalise_row(row: Any, where: str) -> list[dict[str, str]]:
+def normalise_row(row: Any, where: str) -> list[dict[str, Any]]:
     """One row of any supported format as a validated list of {role, content} messages."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {_type_name(row)}")
@@ -229,26 +234,103 @@ def _type_name(value: Any) -> str:
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
 
-def _from_messages(messages: Any, where: str, field: str) -> list[dict[str, str]]:
+def _from_messages(messages: Any, where: str, field: str) -> list[dict[str, Any]]:
     if not isinstance(messages, list):
         raise DataError(f"{where}: '{field}' must be an array of messages, got {_type_name(messages)}")
     if not messages:
         raise DataError(f"{where}: '{field}' is empty")
     out = []
     for i, message in enumerate(messages, start=1):
+        name = f"{field}[{i}]"
         if not isinstance(message, dict):
-            raise DataError(f"{where}: {field}[{i}] must be an object with 'role' and 'content', "
-                            f"got {_type_name(message)}")
-        if "role" not in message or "content" not in message:
-            missing = "role" if "role" not in message else "content"
-            raise DataError(f"{where}: {field}[{i}] has no '{missing}'")
-        role, content = message["role"], message["content"]
+            raise DataError(f"{where}: {name} must be an object with 'role' and 'content', got {_type_name(message)}")
+        if "role" not in message:
+            raise DataError(f"{where}: {name} has no 'role'")
+        role = message["role"]
         if not isinstance(role, str):
-            raise DataError(f"{where}: {field}[{i}].role must be a string, got {_type_name(role)}")
+            raise DataError(f"{where}: {name}.role must be a string, got {_type_name(role)}")
         if role not in ROLES:
-            raise DataError(f"{where}: {field}[{i}] has unknown role {role!r} (expected system, user or assistant)")
-        out.append({"role": role, "content": _content(content, where, f"{field}[{i}]")})
+            raise DataError(f"{where}: {name} has unknown role {role!r} (expected system, user, assistant or tool)")
+        calls = message.get("tool_calls") if role == "assistant" else None
+        if "content" not in message or (message["content"] is None and not calls):
+            raise DataError(f"{where}: {name} has no 'content'")
+        content = message["content"]
+        if role == "tool" and not isinstance(content, (str, list)):
+            content = json.dumps(content, ensure_ascii=False)  # a structured tool result, passed on as its JSON
+        out.append({"role": role, "content": "" if content is None else _content(content, where, name),
+                    **_extras(message, where, name)})
     return _check_turns(out, where)
+
+
+def _extras(message: dict, where: str, name: str) -> dict[str, Any]:
+    """The tool-call and reasoning fields of a message, validated; only those present (templates test `in`)."""
+    extras: dict[str, Any] = {}
+    role = message["role"]
+    if role == "assistant" and message.get("tool_calls") is not None:
+        extras["tool_calls"] = tool_calls(message["tool_calls"], where, f"{name}.tool_calls")
+    if role == "assistant" and message.get("reasoning_content") is not None:
+        extras["reasoning_content"] = _string(message["reasoning_content"], where, f"{name}.reasoning_content")
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if message.get(key) is not None:
+                extras[key] = _string(message[key], where, f"{name}.{key}")
+    return extras
+
+
+def _string(value: Any, where: str, name: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {name} must be a string, got {_type_name(value)}")
+    return value
+
+
+def tool_calls(calls: Any, where: str, name: str) -> list[dict[str, Any]]:
+    """OpenAI tool calls as templates expect them: {"type": "function", "function": {"name", "arguments": object}}.
+    Arguments may be given as an object or as a JSON string (the OpenAI API's form); a string that is not a JSON
+    object is a malformed call."""
+    if isinstance(calls, dict):
+        calls = [calls]
+    if not isinstance(calls, list) or not calls:
+        raise DataError(f"{where}: {name} must be a non-empty array of tool calls, got {_type_name(calls)}")
+    out = []
+    for i, call in enumerate(calls, start=1):
+        here = f"{name}[{i}]"
+        if not isinstance(call, dict):
+            raise DataError(f"{where}: {here} must be an object, got {_type_name(call)}")
+        function = call.get("function", call)  # the flat {"name", "arguments"} form too
+        if not isinstance(function, dict):
+            raise DataError(f"{where}: {here}.function must be an object, got {_type_name(function)}")
+        fname = function.get("name")
+        if not isinstance(fname, str) or not fname.strip():
+            raise DataError(f"{where}: {here} has no function name")
+        arguments = function.get("arguments", function.get("parameters", {}))
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except (ValueError, RecursionError):
+                raise DataError(f"{where}: {here}.arguments is not valid JSON: {arguments[:80]!r}") from None
+        if not isinstance(arguments, dict):
+            raise DataError(f"{where}: {here}.arguments must be a JSON object, got {_type_name(arguments)}")
+        normal: dict[str, Any] = {"type": "function", "function": {"name": fname, "arguments": arguments}}
+        if call.get("id") is not None:
+            normal["id"] = _string(call["id"], where, f"{here}.id")
+        out.append(normal)
+    return out
+
+
+def row_tools(row: Any, where: str) -> list[dict[str, Any]] | None:
+    """A row's `tools` (function definitions for the template's tool prompt): an array of objects, or its JSON text
+    (ShareGPT datasets store it so); None when the row has none."""
+    if not isinstance(row, dict) or row.get("tools") in (None, "", []):
+        return None
+    tools = row["tools"]
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except (ValueError, RecursionError):
+            raise DataError(f"{where}: 'tools' is a string but not valid JSON") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"{where}: 'tools' must be an array of tool definitions (objects), got {_type_name(tools)}")
+    return tools or None
 
 
 def _content(content: Any, where: str, name: str) -> str:
@@ -261,21 +343,25 @@ def _content(content: Any, where: str, name: str) -> str:
     return content
 
 
-def _check_turns(messages: list[dict[str, str]], where: str) -> list[dict[str, str]]:
+def _check_turns(messages: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
     for i, m in enumerate(messages, start=1):
         if m["role"] == "system" and i != 1:
             raise DataError(f"{where}: message {i} is a system message; only the first message may be one")
-        if m["role"] == "assistant" and not m["content"].strip():
+        if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
             raise DataError(f"{where}: message {i} (assistant) has empty content")
-        try:
-            m["content"].encode("utf-8")
-        except UnicodeEncodeError as exc:  # JSON can escape half a surrogate pair, which no tokenizer accepts
-            raise DataError(f"{where}: message {i} ({m['role']}) has an unpaired surrogate "
-                            f"\\u{ord(m['content'][exc.start]):04x}, which is not valid Unicode text") from None
+        previous = messages[i - 2] if i > 1 else {}
+        if m["role"] == "tool" and not (previous.get("tool_calls") or previous.get("role") == "tool"):
+            raise DataError(f"{where}: message {i} (tool) does not follow an assistant turn with tool_calls")
+        for key in ("content", "reasoning_content"):
+            try:
+                m.get(key, "").encode("utf-8")
+            except UnicodeEncodeError as exc:  # JSON can escape half a surrogate pair, which no tokenizer accepts
+                raise DataError(f"{where}: message {i} ({m['role']}) has an unpaired surrogate "
+                                f"\\u{ord(m[key][exc.start]):04x}, which is not valid Unicode text") from None
     return messages
 
 
-def _from_sharegpt(turns: Any, where: str) -> list[dict[str, str]]:
+def _from_sharegpt(turns: Any, where: str) -> list[dict[str, Any]]:
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: 'conversations' must be a non-empty array, got {_type_name(turns)}")
     messages = []
@@ -286,12 +372,23 @@ def _from_sharegpt(turns: Any, where: str) -> list[dict[str, str]]:
         role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
         if role is None:
             raise DataError(f"{where}: conversations[{i}] has unknown speaker {speaker!r} "
-                            "(expected system, human or gpt)")
-        messages.append({"role": role, "content": _content(turn["value"], where, f"conversations[{i}]")})
+                            "(expected system, human, gpt, function_call or observation)")
+        if role == "function_call":  # the call as JSON text: {"name", "arguments"} or an array of them
+            try:
+                calls = json.loads(turn["value"]) if isinstance(turn["value"], str) else turn["value"]
+            except (ValueError, RecursionError):
+                raise DataError(f"{where}: conversations[{i}] (function_call) is not valid JSON") from None
+            messages.append({"role": "assistant", "content": "",
+                             "tool_calls": tool_calls(calls, where, f"conversations[{i}]")})
+            continue
+        value = turn["value"]
+        if role == "tool" and not isinstance(value, (str, list)):
+            value = json.dumps(value, ensure_ascii=False)
+        messages.append({"role": role, "content": _content(value, where, f"conversations[{i}]")})
     return _check_turns(messages, where)
 
 
-def _from_alpaca(row: dict, where: str) -> list[dict[str, str]]:
+def _from_alpaca(row: dict, where: str) -> list[dict[str, Any]]:
     for key in ("instruction", "input", "output", "system"):
         if key in row and not isinstance(row[key], str):
             raise DataError(f"{where}: '{key}' must be a string, got {_type_name(row[key])}")
@@ -303,7 +400,7 @@ def _from_alpaca(row: dict, where: str) -> list[dict[str, str]]:
     return _check_turns(messages, where)
 
 
-def _from_prompt_completion(row: dict, where: str) -> list[dict[str, str]]:
+def _from_prompt_completion(row: dict, where: str) -> list[dict[str, Any]]:
     prompt, completion = row["prompt"], row["completion"]
     if isinstance(prompt, list) and isinstance(completion, list):  # TRL's conversational prompt/completion
         return _check_turns(_from_messages(prompt, where, "prompt") + _from_messages(completion, where, "completion"),

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import chat
 from .data import Conversation
 from .encode import EncodeStats
 
@@ -39,6 +40,7 @@ def key(tokenizer: Any, rows: list[Conversation], settings: dict[str, Any]) -> s
         h.update((here / module).read_bytes())
     h.update(json.dumps({"format": FORMAT, "settings": settings, "class": type(tokenizer).__name__,
                          "template": getattr(tokenizer, "chat_template", None),
+                         "template_kwargs": chat.template_kwargs(tokenizer),
                          "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
                          "added": {i: str(t) for i, t in tokenizer.added_tokens_decoder.items()},
                          "init": {k: v for k, v in getattr(tokenizer, "init_kwargs", {}).items()
@@ -49,7 +51,7 @@ def key(tokenizer: Any, rows: list[Conversation], settings: dict[str, Any]) -> s
     h.update(backend.to_str().encode() if backend is not None else
              json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     for row in rows:
-        h.update(json.dumps([row.where, row.messages], ensure_ascii=False, sort_keys=True, default=str).encode())
+        h.update(json.dumps([row.where, row.messages, row.tools], ensure_ascii=False, sort_keys=True, default=str).encode())
         h.update(b"\n")
     return h.hexdigest()[:32]
 

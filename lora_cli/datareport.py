@@ -73,6 +73,7 @@ class DataConfig:
     chat_template: str = opt("", "Override the model's chat template: 'chatml' or a path to a .jinja file. Empty: "
                                  "the model's own (ChatML with a warning when it has none).", group="data",
                              metavar="NAME|PATH")
+    chat_template_kwargs: str = opt("", chat.TEMPLATE_KWARGS_HELP, group="data", metavar="JSON")
     train_on_inputs: bool = opt(False, "Check the data as lora-train --train_on_inputs trains it: every token, not "
                                        "only the assistant turns.", group="data")
 
@@ -106,6 +107,7 @@ class DataConfig:
             errors.append(f"--show: must be >= 0, got {self.show}")
         if self.chat_template and self.chat_template != "chatml" and not os.path.isfile(self.chat_template):
             errors.append(f"--chat_template: {self.chat_template!r} is neither 'chatml' nor an existing .jinja file")
+        errors += [p for p in [chat.template_kwargs_problem(self.chat_template_kwargs)] if p]
         if self.report_dir and os.path.exists(self.report_dir) and not os.path.isdir(self.report_dir):
             errors.append(f"--report_dir {self.report_dir}: exists and is not a folder")
         return errors
@@ -184,6 +186,10 @@ class Report:
             "rows_zero_trained_tokens": s.dropped_no_trained_tokens,
             "assistant_turns": s.assistant_turns,
             "turns_missing_end_of_turn": s.turns_missing_end_of_turn,
+            "tool_call_turns": sum(1 for r in self.rows for m in r.conversation.messages if m.get("tool_calls")),
+            "tool_results": sum(1 for r in self.rows for m in r.conversation.messages if m["role"] == "tool"),
+            "reasoning_turns": s.reasoning_turns,
+            "reasoning_trained": s.reasoning_trained,
         }
 
     def summary(self) -> str:
@@ -239,10 +245,11 @@ def read_rows(report: Report) -> None:
             if isinstance(raw, DataError):  # a line that is not JSON
                 raise raw
             messages = data.normalise_row(raw, where)
+            tools = data.row_tools(raw, where)
         except DataError as exc:
             report.add(ERROR, "schema", where, _without_where(str(exc), where))
             continue
-        report.rows.append(Row(Conversation(messages, where), data.row_format(raw)))
+        report.rows.append(Row(Conversation(messages, where, tools), data.row_format(raw)))
         check_turns(report, messages, where)
     if not report.rows_read:
         report.add(ERROR, "nothing_to_train", path, "the file has no rows")
@@ -272,7 +279,7 @@ def load_tokenizer(report: Report) -> Any:
     base = models.resolve(cfg.base_model)
     tokenizer = models.load_tokenizer(base, cfg.trust_remote_code)
     has_own = bool(getattr(tokenizer, "chat_template", None))
-    chat.resolve_chat_template(tokenizer, cfg.chat_template)
+    chat.resolve_chat_template(tokenizer, cfg.chat_template, chat.parse_template_kwargs(cfg.chat_template_kwargs))
     report.model = base.display
     report.chat_template = cfg.chat_template or ("the model's own" if has_own else "chatml (the model has none)")
     if not cfg.chat_template and not has_own:
@@ -328,7 +335,7 @@ def check_dataset(report: Report) -> None:
                                                          f"{len(report.rows)} rows are {main}")
     first_seen: dict[str, str] = {}
     for row in report.rows:
-        key = json.dumps(row.conversation.messages, ensure_ascii=False, sort_keys=True)
+        key = json.dumps([row.conversation.messages, row.conversation.tools], ensure_ascii=False, sort_keys=True)
         if key in first_seen:
             report.add(WARNING, "duplicate", row.where, f"same conversation as {first_seen[key]}")
         else:
@@ -460,7 +467,21 @@ def _print_statistics(console: Any, report: Report) -> None:
          else "none"),
         ("end of turn", f"{s.assistant_turns - s.turns_missing_end_of_turn:,} of {s.assistant_turns:,} assistant "
                         "turns end with an end-of-turn token in the loss"),
+        ("tool calls", f"{st['tool_call_turns']:,} assistant turns with tool calls (trained), {st['tool_results']:,} "
+                       "tool results (not trained)" if st["tool_call_turns"] or st["tool_results"] else "none"),
+        ("reasoning", _reasoning_text(s)),
     ])
+
+
+def _reasoning_text(s: EncodeStats) -> str:
+    """What of the data's reasoning is trained: only what the chat template renders."""
+    if not s.reasoning_turns:
+        return ("none in the data (a template that adds an empty reasoning block to answers, like Qwen3's, has it "
+                "trained; see README)")
+    dropped = s.reasoning_turns - s.reasoning_trained
+    text = f"{s.reasoning_trained:,} of {s.reasoning_turns:,} assistant turns with reasoning have it trained"
+    return text + (f"; the chat template drops it from {dropped:,} (e.g. Qwen3 keeps reasoning only after the last "
+                   "user message)" if dropped else "")
 
 
 def _print_problems(console: Any, report: Report) -> None:

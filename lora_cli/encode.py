@@ -25,6 +25,8 @@ class EncodeStats:
     trained_tokens: int = 0  # tokens with a label in kept rows
     assistant_turns: int = 0
     turns_missing_end_of_turn: int = 0  # assistant turns whose end-of-turn token is not in the loss
+    reasoning_turns: int = 0  # assistant turns that carry reasoning (reasoning_content or inline <think>)
+    reasoning_trained: int = 0  # ... whose reasoning the chat template renders, so it is trained
     longest: int = 0  # longest row before any truncation
     first_problem_rows: list[str] = field(default_factory=list)
 
@@ -37,6 +39,8 @@ class EncodeStats:
         self.longest = max(self.longest, len(row.full.input_ids))
         self.assistant_turns += row.full.turns
         self.turns_missing_end_of_turn += row.full.turns - row.full.turns_with_end
+        self.reasoning_turns += row.full.reasoning_turns
+        self.reasoning_trained += row.full.reasoning_trained
         if row.fate in (TRUNCATED, TOO_LONG):
             self.too_long += 1
         if row.fate == TRUNCATED:
@@ -74,7 +78,7 @@ class EncodedRow:
 def encode_row(tokenizer: Any, row: Conversation, *, max_seq_length: int, truncation: str,
                train_on_inputs: bool) -> EncodedRow:
     """One conversation's token ids and labels, and what --max_seq_length and the loss mask leave of it."""
-    enc = encode(tokenizer, row.messages, train_on_inputs, row.where)
+    enc = encode(tokenizer, row.messages, train_on_inputs, row.where, row.tools)
     ids, labels, fate = enc.input_ids, enc.labels, KEPT
     if len(ids) > max_seq_length:
         if truncation == "drop":

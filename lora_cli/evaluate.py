@@ -76,6 +76,8 @@ class EvalConfig:
     chat_template: str = opt("", "Override the chat template: 'chatml' or a .jinja file. Empty: the template the "
                                  "adapters were trained with (saved with their tokenizer), else the base model's.",
                              group="data", metavar="NAME|PATH")
+    chat_template_kwargs: str = opt("", chat.TEMPLATE_KWARGS_HELP + " Empty: those the adapter was trained with "
+                                        "(its run config), else none.", group="data", metavar="JSON")
 
     # --- generation --------------------------------------------------------------------------------------------------
     max_new_tokens: int = opt(256, "Longest generated answer, in tokens; generation also stops at the chat "
@@ -112,6 +114,7 @@ class EvalConfig:
             errors.append(f"--top_p: must be in (0, 1], got {self.top_p}")
         if self.chat_template and self.chat_template != "chatml" and not os.path.isfile(self.chat_template):
             errors.append(f"--chat_template: {self.chat_template!r} is neither 'chatml' nor an existing .jinja file")
+        errors += [p for p in [chat.template_kwargs_problem(self.chat_template_kwargs)] if p]
         if not self.output:
             errors.append("--output: empty; give the report's file name, e.g. report.json")
         elif os.path.isdir(self.output):
@@ -156,7 +159,7 @@ def prepare(cfg: EvalConfig) -> Prepared:
     for row in rows:
         prompt, reference = split_final_turn(row.messages)
         try:
-            prompts.append(chat.encode_prompt(tokenizer, prompt))
+            prompts.append(chat.encode_prompt(tokenizer, prompt, row.tools))
         except Exception as exc:  # jinja raises several types, e.g. for a template that wants a user turn first
             raise DataError(f"{row.where}: the chat template cannot render the prompt before the final assistant "
                             f"turn: {exc}") from None
@@ -215,8 +218,16 @@ def load_tokenizer(cfg: EvalConfig, base: models.BaseModel, adapters: list[Adapt
             raise UsageError("--adapter: the adapters were trained with different chat templates, so they would not "
                              "score the same tokens; pass --chat_template to evaluate all with one")
         tokenizer = tokenizers[0]
-    chat.resolve_chat_template(tokenizer, cfg.chat_template)
+    chat.resolve_chat_template(tokenizer, cfg.chat_template, _template_kwargs(cfg, adapters))
     return tokenizer
+
+
+def _template_kwargs(cfg: EvalConfig, adapters: list[Adapter]) -> dict[str, Any]:
+    """--chat_template_kwargs, else those the (first) adapter was trained with, so prompts render as in training."""
+    if cfg.chat_template_kwargs or not adapters:
+        return chat.parse_template_kwargs(cfg.chat_template_kwargs)
+    saved = (adapters[0].run_config or {}).get("chat_template_kwargs") or ""
+    return dict(saved) if isinstance(saved, dict) else chat.parse_template_kwargs(saved)
 
 
 def split_final_turn(messages: list[dict]) -> tuple[list[dict], str]:
@@ -512,7 +523,7 @@ def write_outputs(output: Path, report: dict[str, Any], prepared: Prepared, scor
     with open(report["generations"], "w", encoding="utf-8") as f:
         for i, (row, reference) in enumerate(zip(prepared.rows, prepared.references)):
             prompt, _ = split_final_turn(row.messages)
-            line = {"where": row.where, "prompt": chat.render(prepared.tokenizer, prompt, add_generation_prompt=True),
+            line = {"where": row.where, "prompt": chat.render(prepared.tokenizer, prompt, True, row.tools),
                     "reference": reference,
                     "answers": {s.name: {"answer": s.answers[i], **s.row_scores[i]} for s in scores}}
             f.write(json.dumps(line, ensure_ascii=False) + "\n")

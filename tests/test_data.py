@@ -315,7 +315,7 @@ BAD_FILES = {
     "role-is-number": ("d.jsonl", _lines({"messages": [{"role": 1, "content": "Hi"}]}), ":1:",
                        "messages[1].role must be a string, got a number"),
     "role-tool": ("d.jsonl", _lines({"messages": [*USER_ASSISTANT, {"role": "tool", "content": "{}"}]}), ":1:",
-                  "messages[3] has unknown role 'tool'"),
+                  "message 3 (tool) does not follow an assistant turn with tool_calls"),
     "sharegpt-narrator": ("d.jsonl", _lines({"conversations": [{"from": "narrator", "value": "Once"},
                                                                {"from": "gpt", "value": "ok"}]}),
                           ":1:", "conversations[1] has unknown speaker 'narrator'"),

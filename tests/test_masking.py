@@ -91,8 +91,10 @@ def test_template_that_renders_earlier_turns_differently(tokenizer):
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
     chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>x</think>first"},
             {"role": "user", "content": "b"}, {"role": "assistant", "content": "second"}]
-    with pytest.raises(DataError, match="verbatim"):
-        encode(tok, chat, where="f.jsonl:1")
+    # Each turn is trained as the template renders it in this conversation: the earlier one without its reasoning.
+    enc = encode(tok, chat, where="f.jsonl:1")
+    assert trained_runs(tok, enc) == ["first<|im_end|>", "second<|im_end|>"]
+    assert (enc.reasoning_turns, enc.reasoning_trained) == (1, 0)
     chat[1]["content"] = "first"
     assert trained_runs(tok, encode(tok, chat)) == ["first<|im_end|>", "second<|im_end|>"]
 
