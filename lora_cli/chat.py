@@ -165,13 +165,19 @@ def _render_checked(tokenizer: Any, messages: list[dict], where: str, tools: lis
 def _check_tool_support(tokenizer: Any, messages: list[dict], text: str, where: str,
                         tools: list[dict] | None) -> None:
     """A template that silently drops tool definitions or calls would train answers without the calls: refuse."""
-    if tools and _render_checked(tokenizer, messages, where, None) == text:
+    def same(other: list[dict], other_tools: list[dict] | None) -> bool:
+        try:
+            return render(tokenizer, other, tools=other_tools) == text
+        except Exception:  # a template that refuses the conversation without them does read them
+            return False
+
+    if tools and same(messages, None):
         raise DataError(f"{where}: the chat template of {model_name(tokenizer)} does not render the row's 'tools' "
                         f"(it has no tool support); {_HINT}")
     for i, m in enumerate(messages):
         if m.get("tool_calls"):
             plain = [*messages[:i], {k: v for k, v in m.items() if k != "tool_calls"}, *messages[i + 1:]]
-            if _render_checked(tokenizer, plain, where, tools) == text:
+            if same(plain, tools):
                 raise DataError(f"{where}: the chat template of {model_name(tokenizer)} does not render the tool "
                                 f"calls of message {i + 1} (it has no tool support); {_HINT}")
 
@@ -207,8 +213,11 @@ def _turn_span(tokenizer: Any, messages: list[dict], i: int, text: str, where: s
     if not (text.startswith(history) and prompt.startswith(history)):
         raise uncertain("the conversation before it renders differently on its own")
     sentinel = _sentinel(text)
-    marked = _render_checked(tokenizer, [*messages[:i], {"role": "assistant", "content": sentinel},
-                                         *messages[i + 1:]], where, tools)
+    try:
+        marked = render(tokenizer, [*messages[:i], {"role": "assistant", "content": sentinel}, *messages[i + 1:]],
+                        tools=tools)
+    except Exception as exc:  # e.g. a template that insists a tool result follows a tool call
+        raise uncertain(f"it refuses the turn with a plain answer in its place: {' '.join(str(exc).split())[:120]}")
     if marked.count(sentinel) != 1:
         raise uncertain("the template does not render an answer exactly once")
     before, after = marked.split(sentinel)

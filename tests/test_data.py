@@ -77,6 +77,43 @@ ROW_FORMATS = {
 }
 
 
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+TOOL_CHAT = [{"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "content": "", "tool_calls": [CALL]},
+             {"role": "tool", "content": '{"celsius": 21}', "tool_call_id": "call_1", "name": "get_weather"},
+             {"role": "assistant", "content": "21 °C.", "reasoning_content": "Read the tool result."}]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+TOOL_ROWS = {
+    "openai-tool-calls": ({"messages": TOOL_CHAT, "tools": TOOLS}, TOOL_CHAT),
+    # The OpenAI API's own form: content null, arguments as JSON text, an id on the call.
+    "openai-wire-form": (
+        {"tools": TOOLS, "messages": [
+            TOOL_CHAT[0],
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            *TOOL_CHAT[2:]]},
+        [TOOL_CHAT[0], {"role": "assistant", "content": "", "tool_calls": [{**CALL, "id": "call_1"}]},
+         *TOOL_CHAT[2:]]),
+    "sharegpt-function-call": (
+        {"tools": json.dumps(TOOLS), "conversations": [
+            {"from": "human", "value": "Weather in Paris?"},
+            {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+            {"from": "observation", "value": '{"celsius": 21}'},
+            {"from": "gpt", "value": "21 °C."}]},
+        [TOOL_CHAT[0], {"role": "assistant", "content": "", "tool_calls": [CALL]},
+         {"role": "tool", "content": '{"celsius": 21}'}, {"role": "assistant", "content": "21 °C."}]),
+}
+
+
+@pytest.mark.parametrize("name", list(TOOL_ROWS))
+def test_tool_calling_rows_normalise_to_openai_messages_and_keep_tools(tmp_path, name):
+    row, expected = TOOL_ROWS[name]
+    (conv,) = load_conversations(str(write_jsonl(tmp_path / "d.jsonl", [row])))
+    assert conv.messages == expected
+    assert conv.tools == TOOLS
+
+
 @pytest.mark.parametrize("name", list(ROW_FORMATS))
 def test_row_format_normalises_to_messages(tmp_path, name):
     row, expected = ROW_FORMATS[name]
@@ -316,6 +353,22 @@ BAD_FILES = {
                        "messages[1].role must be a string, got a number"),
     "role-tool": ("d.jsonl", _lines({"messages": [*USER_ASSISTANT, {"role": "tool", "content": "{}"}]}), ":1:",
                   "message 3 (tool) does not follow an assistant turn with tool_calls"),
+    "tool-arguments-not-json": ("d.jsonl", _lines({"messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "f", "arguments": "{city: Paris"}}]}]}), ":1:",
+        "messages[2].tool_calls[1].arguments is not valid JSON"),
+    "tool-arguments-a-list": ("d.jsonl", _lines({"messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "f", "arguments": [1]}}]}]}), ":1:",
+        "messages[2].tool_calls[1].arguments must be a JSON object, got an array"),
+    "tool-call-without-name": ("d.jsonl", _lines({"messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"arguments": {}}}]}]}), ":1:", "messages[2].tool_calls[1] has no function name"),
+    "tools-not-an-array": ("d.jsonl", _lines({"tools": {"name": "f"}, "messages": USER_ASSISTANT}), ":1:",
+                           "'tools' must be an array of tool definitions (objects), got an object"),
+    "sharegpt-call-not-json": ("d.jsonl", _lines({"conversations": [
+        {"from": "human", "value": "Hi"}, {"from": "function_call", "value": "get_weather(Paris)"}]}), ":1:",
+        "conversations[2] (function_call) is not valid JSON"),
     "sharegpt-narrator": ("d.jsonl", _lines({"conversations": [{"from": "narrator", "value": "Once"},
                                                                {"from": "gpt", "value": "ok"}]}),
                           ":1:", "conversations[1] has unknown speaker 'narrator'"),
