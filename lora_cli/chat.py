@@ -229,7 +229,7 @@ def _turn_span(tokenizer: Any, messages: list[dict], i: int, text: str, where: s
     elif before.startswith(history) and rest.startswith(before[len(history):]):
         start = len(before)  # the template renders this turn's header unlike the generation prompt
     else:
-        raise uncertain("its header differs from the generation prompt")
+        raise uncertain(f"it does not begin with the generation prompt {header!r}")
     payload_end = len(text) - len(after)
     if payload_end < start:
         raise uncertain("its header overlaps the rest of the conversation")

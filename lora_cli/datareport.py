@@ -282,6 +282,8 @@ def load_tokenizer(report: Report) -> Any:
     chat.resolve_chat_template(tokenizer, cfg.chat_template, chat.parse_template_kwargs(cfg.chat_template_kwargs))
     report.model = base.display
     report.chat_template = cfg.chat_template or ("the model's own" if has_own else "chatml (the model has none)")
+    if cfg.chat_template_kwargs:
+        report.chat_template += f", with {cfg.chat_template_kwargs}"
     if not cfg.chat_template and not has_own:
         report.add(WARNING, "no_template", base.display, "the tokenizer has no chat template, so ChatML is used: "
                                                          "pass --chat_template if the model was trained on another")
@@ -467,8 +469,9 @@ def _print_statistics(console: Any, report: Report) -> None:
          else "none"),
         ("end of turn", f"{s.assistant_turns - s.turns_missing_end_of_turn:,} of {s.assistant_turns:,} assistant "
                         "turns end with an end-of-turn token in the loss"),
-        ("tool calls", f"{st['tool_call_turns']:,} assistant turns with tool calls (trained), {st['tool_results']:,} "
-                       "tool results (not trained)" if st["tool_call_turns"] or st["tool_results"] else "none"),
+        ("tool calls", f"{_count(st['tool_call_turns'], 'assistant turn')} with tool calls (trained), "
+                       f"{_count(st['tool_results'], 'tool result')} (not trained)"
+         if st["tool_call_turns"] or st["tool_results"] else "none"),
         ("reasoning", _reasoning_text(s)),
     ])
 
@@ -476,12 +479,11 @@ def _print_statistics(console: Any, report: Report) -> None:
 def _reasoning_text(s: EncodeStats) -> str:
     """What of the data's reasoning is trained: only what the chat template renders."""
     if not s.reasoning_turns:
-        return ("none in the data (a template that adds an empty reasoning block to answers, like Qwen3's, has it "
-                "trained; see README)")
+        return "none in the data (Qwen3-style templates add an empty <think> block: see README)"
     dropped = s.reasoning_turns - s.reasoning_trained
-    text = f"{s.reasoning_trained:,} of {s.reasoning_turns:,} assistant turns with reasoning have it trained"
-    return text + (f"; the chat template drops it from {dropped:,} (e.g. Qwen3 keeps reasoning only after the last "
-                   "user message)" if dropped else "")
+    text = f"{_count(s.reasoning_turns, 'assistant turn')} with reasoning: {s.reasoning_trained:,} trained"
+    return text + (f", {dropped:,} dropped by the chat template (e.g. Qwen3 keeps reasoning only after the last "
+                   "user message)" if dropped else " (the chat template renders it)")
 
 
 def _print_problems(console: Any, report: Report) -> None:

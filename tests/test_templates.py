@@ -265,7 +265,7 @@ def test_lora_data_reports_tool_calls_and_reasoning_on_qwen3(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "8 assistant turns with tool calls (trained), 8 tool results (not trained)" in out
-    assert "1 of 1 assistant turns with reasoning have it trained" in out
+    assert "1 assistant turn with reasoning: 1 trained (the chat template renders it)" in out
     assert '[[<think>\nI need the weather tool.\n</think>\n\n<tool_call>\n{"name": "get_weather"' in out
 
 
