@@ -34,7 +34,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         train_rows, eval_rows = data.split_validation(train_rows, cfg.val_split, cfg.seed)
     base = models.resolve(cfg.base_model)
     tokenizer = models.load_tokenizer(base, cfg.trust_remote_code)
-    chat.resolve_chat_template(tokenizer, cfg.chat_template)
+    chat.resolve_chat_template(tokenizer, cfg.chat_template, chat.parse_template_kwargs(cfg.chat_template_kwargs))
     train, train_stats = encode_dataset(cfg, tokenizer, train_rows, cfg.train_path)
     evaluation = eval_stats = None
     if eval_rows:
