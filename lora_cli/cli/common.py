@@ -7,9 +7,9 @@ import logging
 import os
 import sys
 import traceback
-import warnings
 from typing import Callable
 
+from .. import noise
 from ..errors import LoraCliError, from_library
 
 
@@ -22,13 +22,9 @@ def setup_logging(prog: str, debug: bool) -> None:
     main_process = os.environ.get("RANK", "0") == "0"
     logger.setLevel(logging.DEBUG if debug else logging.INFO if main_process else logging.WARNING)
     logger.propagate = False
-    if not debug:  # library chatter that users cannot act on; --debug shows it
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not debug:  # library chatter that users cannot act on, by message (lora_cli/noise.py); --debug shows it
+        noise.quiet()
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        warnings.filterwarnings("ignore", category=UserWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
@@ -40,7 +36,7 @@ def quiet_libraries() -> None:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    noise.quiet_transformers()
 
 
 class _Formatter(logging.Formatter):

@@ -234,8 +234,8 @@ def progress_callbacks(logged: tuple[str, ...]) -> list[Any]:
     class CompactProgress(ProgressCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             parts = [f"{key} {logs[key]:.4g}" for key in logged if isinstance((logs or {}).get(key), (int, float))]
-            if state.is_world_process_zero and parts:
-                line = f"step {state.global_step}/{state.max_steps}: " + ", ".join(parts)
-                (self.training_bar.write if self.training_bar is not None else log.info)(line)
+            # Outside train() (the evaluation before it, "step 0/0") run_training reports the loss in its own words.
+            if state.is_world_process_zero and parts and self.training_bar is not None:
+                self.training_bar.write(f"step {state.global_step}/{state.max_steps}: " + ", ".join(parts))
 
     return [CompactProgress()]

@@ -1,0 +1,66 @@
+"""Library output a user cannot act on, filtered by message, so that every other warning (peft's and TRL's actionable
+ones among them) still shows. --debug installs none of this and shows everything."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import warnings
+
+# (message pattern, why a user cannot act on it). Matched anywhere in a log record or warning, whichever library
+# logger or warning category carries it, so a module moving inside a library does not bring the line back.
+MESSAGES = (
+    (r"Failed to load CPU gemm_4bit_forward from kernels-community",
+     "bitsandbytes, at import: an optional CPU kernel from the Hub it is not allowed to run; it uses its own"),
+    (r"Skipping publisher trust check for 'kernels-community/",
+     "kernels, offline, when bitsandbytes looks for that optional kernel"),
+    (r"You are using a per_device_train_batch_size of 1 with padding-free training",
+     "TRL: lora-train chose that micro-batch itself, to fit --tokens_per_batch"),
+    (r"`is_gradient_checkpointing` is deprecated",
+     "transformers' own Trainer calls the property it deprecated"),
+    (r"Paged optimizers are not supported on CPU",
+     "bitsandbytes: the default --optim pages optimizer state out of GPU memory; on a CPU it is there already"),
+)
+_PATTERN = re.compile("|".join(f"(?:{pattern})" for pattern, _ in MESSAGES))
+
+
+class NoiseFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _PATTERN.search(record.getMessage())
+
+
+_FILTER = NoiseFilter()
+
+
+def quiet() -> None:
+    """Filter the noise from Python warnings and from every library's log records (those that reach the root logger's
+    handler, and transformers', which has its own)."""
+    for pattern, _ in MESSAGES:
+        warnings.filterwarnings("ignore", message=f".*{pattern}")
+    root = logging.getLogger()
+    if not any(isinstance(h, _LibraryHandler) for h in root.handlers):
+        root.addHandler(_LibraryHandler())
+    quiet_transformers()
+
+
+def quiet_transformers() -> None:
+    """transformers logs through its own handler, which it creates on import: filter it once it exists."""
+    if "transformers" not in sys.modules:
+        return
+    for handler in logging.getLogger("transformers").handlers:
+        if _FILTER not in handler.filters:
+            handler.addFilter(_FILTER)
+
+
+class _LibraryHandler(logging.StreamHandler):
+    """What logging prints for libraries without a handler of their own (its last resort), minus the noise."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+        self.setLevel(logging.WARNING)
+        self.addFilter(_FILTER)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr  # follow redirections (pytest's capture, for one)
+        super().emit(record)
