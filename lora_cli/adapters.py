@@ -9,9 +9,7 @@ from typing import Any
 
 from . import integrity, models
 from .errors import UsageError
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+from .filenames import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CONFIG, RUN_CONFIG
 
 
 @dataclass
@@ -53,7 +51,7 @@ def read_adapter(path: str | Path, flag: str = "ADAPTER_DIR") -> Adapter:
         raise UsageError(f"{flag} {path}: not a folder")
     cfg_file = p / ADAPTER_CONFIG
     if not cfg_file.is_file():
-        hint = " (it looks like a merged model: pass it as --base_model)" if (p / "config.json").is_file() else ""
+        hint = " (it looks like a merged model: pass it as --base_model)" if (p / MODEL_CONFIG).is_file() else ""
         raise UsageError(f"{flag} {path}: no {ADAPTER_CONFIG}, not a LoRA adapter folder{hint}")
     if not (p / ADAPTER_WEIGHTS).is_file() and not (p / "adapter_model.bin").is_file():
         raise UsageError(f"{flag} {path}: {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}: the adapter is incomplete")
@@ -65,7 +63,7 @@ def read_adapter(path: str | Path, flag: str = "ADAPTER_DIR") -> Adapter:
     if peft_config.get("peft_type", "LORA") != "LORA":
         raise UsageError(f"{flag} {path}: a {peft_config.get('peft_type')} adapter; only LoRA adapters are supported")
     run_config = None
-    run_file = p / "run_config.yaml"
+    run_file = p / RUN_CONFIG
     if run_file.is_file():
         run_config = yaml.safe_load(run_file.read_text(encoding="utf-8")) or {}
     return Adapter(p, peft_config, run_config)

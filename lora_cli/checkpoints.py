@@ -12,20 +12,19 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from . import integrity
+from . import fsutil, integrity
 from .errors import LoraCliError, UsageError, writing
+from .filenames import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINT_STAGING, COMPLETE_MARKER, FINAL_STAGING, RUN_CONFIG,
+                        RUN_STATE, TRAIN_METRICS)
 
 log = logging.getLogger("lora_cli")
 
-COMPLETE = integrity.MARKER  # written into a checkpoint once every file of it is on disk, with their checksums
-RUN_STATE = "run_state.json"  # data hashes and the eval loss before training, for resumes
-STAGING = ".checkpoint.partial"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Settings that may change between a run and its resume without changing what is learned.
 RESUMABLE_CHANGES = {"output_dir", "overwrite", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
                      "report_to", "data_cache", "attn_implementation"}
 # Files a finished run leaves in the output dir (besides the tokenizer); cleared by --overwrite.
-FINAL_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_metrics.json", "README.md", COMPLETE)
+FINAL_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAIN_METRICS, "README.md", COMPLETE_MARKER)
 
 
 class Interrupted(LoraCliError):
@@ -41,19 +40,19 @@ def complete_checkpoints(out: Path) -> list[Path]:
     if not out.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in out.iterdir()
-             if (m := _CHECKPOINT.match(p.name)) and p.is_dir() and (p / COMPLETE).is_file()]
+             if (m := _CHECKPOINT.match(p.name)) and p.is_dir() and (p / COMPLETE_MARKER).is_file()]
     return [p for _, p in sorted(found)]
 
 
 def checkpoint_info(checkpoint: str | Path) -> dict[str, Any]:
-    return json.loads((Path(checkpoint) / COMPLETE).read_text(encoding="utf-8"))
+    return json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text(encoding="utf-8"))
 
 
 def remove_incomplete(out: Path) -> None:
     """Delete checkpoints a killed process left half-written, and the staging area."""
-    shutil.rmtree(out / STAGING, ignore_errors=True)
+    shutil.rmtree(out / CHECKPOINT_STAGING, ignore_errors=True)
     for p in out.glob("checkpoint-*"):
-        if p.is_dir() and not (p / COMPLETE).is_file():
+        if p.is_dir() and not (p / COMPLETE_MARKER).is_file():
             log.warning("removing incomplete checkpoint %s (its save did not finish)", p)
             shutil.rmtree(p, ignore_errors=True)
 
@@ -62,9 +61,7 @@ def finish_checkpoint(staged: Path, out: Path, step: int, keep: int, trained_tok
     """Mark a staged checkpoint complete, move it into place, then prune the oldest beyond `keep` (0: keep all)."""
     integrity.write_marker(staged, step=step, trained_tokens=trained_tokens)
     final = out / staged.name
-    if final.exists():  # the same step saved again (e.g. a stop right after a scheduled save)
-        shutil.rmtree(final)
-    os.rename(staged, final)
+    fsutil.replace_folder(staged, final)  # the same step may be saved again (e.g. a stop right after a scheduled save)
     if keep:
         for old in complete_checkpoints(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -128,19 +125,17 @@ def read_state(out: Path) -> dict[str, Any]:
 
 
 def write_state(out: Path, state: dict[str, Any]) -> None:
-    tmp = out / (RUN_STATE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / RUN_STATE)
+    fsutil.atomic_write(out / RUN_STATE, json.dumps(state, indent=2) + "\n")
 
 
 def check_resume(out: Path, current_config: dict[str, Any], current_data: dict[str, str], force: bool) -> None:
     """Refuse to resume a run whose config or data changed, naming what changed (unless forced)."""
     import yaml
 
-    run_file = out / "run_config.yaml"
+    run_file = out / RUN_CONFIG
     state = read_state(out)
     if not run_file.is_file() or "data" not in state:
-        raise UsageError(f"--resume: {out} holds no lora-train run to resume (no run_config.yaml/{RUN_STATE})")
+        raise UsageError(f"--resume: {out} holds no lora-train run to resume (no {RUN_CONFIG}/{RUN_STATE})")
     saved = yaml.safe_load(run_file.read_text(encoding="utf-8")) or {}
     problems = resume_problems(saved, current_config, state["data"], current_data)
     if problems and not force:
@@ -154,7 +149,7 @@ def clear_previous_run(out: Path) -> None:
     """--overwrite: remove what an earlier run left (checkpoints, adapter, metrics), not the user's other files."""
     for p in out.glob("checkpoint-*"):
         shutil.rmtree(p, ignore_errors=True)
-    shutil.rmtree(out / STAGING, ignore_errors=True)
+    shutil.rmtree(out / CHECKPOINT_STAGING, ignore_errors=True)
     for name in FINAL_FILES + (RUN_STATE,):
         (out / name).unlink(missing_ok=True)
 
@@ -164,17 +159,17 @@ def save_final(trainer: Any, out: Path, main_process: bool = True) -> None:
     short leaves no adapter_config.json, so nothing half-written can be loaded as an adapter. Every process calls
     this (sharded models gather their weights in save_model); only the main one writes. The completion marker,
     written last, lets lora-merge/eval/export check the files before loading them."""
-    staging = out / ".final.partial"
+    staging = out / FINAL_STAGING
     if main_process:
         shutil.rmtree(staging, ignore_errors=True)
-        (out / COMPLETE).unlink(missing_ok=True)
-        (out / "adapter_config.json").unlink(missing_ok=True)
+        (out / COMPLETE_MARKER).unlink(missing_ok=True)
+        (out / ADAPTER_CONFIG).unlink(missing_ok=True)
     with writing(f"saving the adapter into {out}", "add --resume to the same command (the checkpoints are intact)"):
         trainer.save_model(str(staging))
         trainer.accelerator.wait_for_everyone()
         if not main_process:
             return
-        files = sorted(staging.iterdir(), key=lambda p: p.name == "adapter_config.json")
+        files = sorted(staging.iterdir(), key=lambda p: p.name == ADAPTER_CONFIG)
         for f in files:
             os.replace(f, out / f.name)
         staging.rmdir()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import DataError
+from .errors import DataError, one_line
 
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT speaker names, normalised to OpenAI roles.
@@ -187,7 +187,7 @@ def _read_with_datasets(p: Path, builder: str) -> list[tuple[str, Any]]:
     try:
         ds = datasets.load_dataset(builder, data_files=str(p), split="train")
     except Exception as exc:  # pyarrow/pandas raise many types for a corrupt file
-        raise DataError(f"{p}: cannot read as {builder}: {' '.join(str(exc).split())[:300]}") from None
+        raise DataError(f"{p}: cannot read as {builder}: {one_line(exc, 300)}") from None
     return [(f"{p}:row {i}", {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(ds, start=1)]
 
 

@@ -10,18 +10,18 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import chat
+from . import chat, fsutil
 from .data import Conversation
 from .encode import EncodeStats
+from .errors import one_line
+from .filenames import ENCODE_STATS
 
 log = logging.getLogger("lora_cli")
 
 FORMAT = 1  # bump when the stored layout changes
-STATS = "encode_stats.json"
 
 
 def root() -> Path:
@@ -79,10 +79,10 @@ def load(digest: str) -> tuple[Any, EncodeStats] | None:
         from datasets import Dataset, disable_caching
 
         disable_caching()  # maps on a file-backed dataset (TRL's packing) go to temporary files, not into the entry
-        stats = EncodeStats(**json.loads((path / STATS).read_text(encoding="utf-8")))
+        stats = EncodeStats(**json.loads((path / ENCODE_STATS).read_text(encoding="utf-8")))
         return Dataset.load_from_disk(str(path / "data")), stats
     except Exception as exc:  # never trusted when it does not read back whole
-        log.warning("ignoring unreadable data cache %s (%s); tokenising again", path, " ".join(str(exc).split()))
+        log.warning("ignoring unreadable data cache %s (%s); tokenising again", path, one_line(exc, None))
         _discard(path)
         return None
 
@@ -105,21 +105,13 @@ def save(digest: str, columns: dict[str, list], stats: EncodeStats) -> Any:
     features = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32"))})
     dataset = Dataset.from_dict(columns, features=features)
     final = root() / digest
-    staging = None
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=final.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; a shared cache must be readable by its users
-        dataset.save_to_disk(str(staging / "data"))
-        (staging / STATS).write_text(json.dumps(stats.as_dict()) + "\n", encoding="utf-8")
-        os.rename(staging, final)  # fails when another process stored the same entry first: theirs is kept
-        staging = None
+        # Readable by the cache's other users; the move fails when another process stored the same entry first:
+        # theirs is kept.
+        with fsutil.staged_folder(final) as staging:
+            dataset.save_to_disk(str(staging / "data"))
+            (staging / ENCODE_STATS).write_text(json.dumps(stats.as_dict()) + "\n", encoding="utf-8")
     except OSError as exc:
         if not final.is_dir():  # a read-only or full cache disk must not stop training
             log.warning("could not write the data cache in %s (%s); continuing without it", final.parent, exc)
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
     return dataset

@@ -17,14 +17,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import chat, data, models
+from . import chat, data, fsutil, models
 from .chat import IGNORE_INDEX
 from .config import data_file_problem, opt
 from .data import Conversation
 from .encode import KEPT, NO_TRAINED_TOKENS, TOO_LONG, TRUNCATED, EncodedRow, EncodeStats, encode_row
 from .errors import DataError
+from .filenames import DATA_REPORT
 
-REPORT_JSON = "data_report.json"
 LENGTHS_PNG = "token_lengths.png"
 FRACTION_PNG = "trained_fraction.png"
 ERROR, WARNING = "error", "warning"
@@ -499,7 +499,7 @@ def _print_problems(console: Any, report: Report) -> None:
                       soft_wrap=True)
     if len(report.errors) > MAX_ERRORS_SHOWN:
         console.print(f"  ... and {len(report.errors) - MAX_ERRORS_SHOWN:,} more errors (all of them in "
-                      f"{REPORT_JSON} with --report_dir)", soft_wrap=True, markup=False)
+                      f"{DATA_REPORT} with --report_dir)", soft_wrap=True, markup=False)
     for check, problems in itertools.groupby(sorted(report.warnings, key=lambda p: list(CHECKS).index(p.check)),
                                              key=lambda p: p.check):
         problems = list(problems)
@@ -563,8 +563,8 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
 
 def write_report_dir(report: Report, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / REPORT_JSON, folder / LENGTHS_PNG, folder / FRACTION_PNG]
-    paths[0].write_text(json.dumps(report.as_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    paths = [folder / DATA_REPORT, folder / LENGTHS_PNG, folder / FRACTION_PNG]
+    fsutil.atomic_write(paths[0], json.dumps(report.as_dict(), indent=2, ensure_ascii=False) + "\n")
     plot_lengths(report, paths[1])
     plot_fractions(report, paths[2])
     return paths

@@ -66,3 +66,13 @@ def from_library(exc: BaseException) -> LoraCliError | None:
     if _CPU_OUT_OF_MEMORY.search(text):
         return RunFailure("out of memory: lower --batch_size or --max_seq_length, or quantise the base (4-bit)")
     return None
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type when the message is empty), for a one-line error."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
+def one_line(exc: BaseException, limit: int | None = 200) -> str:
+    """An exception's whole message with its line breaks and runs of spaces folded into single spaces."""
+    return " ".join(str(exc).split())[:limit]

@@ -36,16 +36,6 @@ class Estimate:
             f"  {'total (estimate, +-30%)':<34} {self.total / GIB:7.2f} GiB"]
 
 
-def meta_model(base_path: str, trust_remote_code: bool = False) -> Any:
-    """The model's modules on the meta device: shapes without memory, even for a 70B model."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(base_path, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-
-
 def estimate(model: Any, *, precision: str, quantization: str | None, optim: str, batch_size: int,
              seq_len: int, gradient_checkpointing: bool, trained_fraction: float = 1.0,
              reference_forward: bool = False) -> Estimate:

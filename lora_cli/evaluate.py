@@ -18,16 +18,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import chat, data, models
+from . import chat, data, fsutil, models
 from .adapters import Adapter, load_adapter_tokenizer, read_adapter
 from .config import data_file_problem, opt, split_list
 from .encode import EncodeStats, encode_rows
-from .errors import DataError, UsageError
+from .errors import DataError, UsageError, one_line
+from .filenames import GENERATIONS
 
 log = logging.getLogger("lora_cli")
 
 BASE = "base"
-GENERATIONS = "generations.jsonl"
 
 
 @dataclass
@@ -360,7 +360,7 @@ def _load_adapter(model: Any, adapter: Adapter, index: int, base: models.BaseMod
         model.load_adapter(str(adapter.path), adapter_name=name, is_trainable=False)
         return model
     except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatches and missing modules
-        detail = " ".join(str(exc).split())[:200]
+        detail = one_line(exc)
         raise UsageError(f"--adapter {adapter.path}: does not fit {base.display} ({detail}); pass the --base_model "
                          f"it was trained on ({_spec_name(adapter.base_spec)})") from None
 
@@ -519,8 +519,8 @@ def _difference(value: float | None, base: float | None) -> float | None:
 
 
 def write_outputs(output: Path, report: dict[str, Any], prepared: Prepared, scores: list[ModelScore]) -> None:
-    output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    with open(report["generations"], "w", encoding="utf-8") as f:
+    fsutil.atomic_write(output, json.dumps(report, indent=2) + "\n")
+    with fsutil.staged_file(Path(report["generations"])) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for i, (row, reference) in enumerate(zip(prepared.rows, prepared.references)):
             prompt, _ = split_final_turn(row.messages)
             line = {"where": row.where, "prompt": chat.render(prepared.tokenizer, prompt, True, row.tools),

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from . import fsutil
 from .errors import RunFailure
+from .filenames import COMPLETE_MARKER, SAFETENSORS_INDEX
 
 log = logging.getLogger("lora_cli")
 
-MARKER = "lora_cli_complete.json"  # written into a folder once every file of it is on disk
+MARKER = COMPLETE_MARKER  # written into a folder once every file of it is on disk
 LIBRARIES = ("lora-cli", "torch", "transformers", "peft", "trl", "accelerate", "safetensors", "bitsandbytes")
 TEXT_SUFFIXES = (".json", ".jinja", ".txt", ".yaml", ".md")  # files a user may edit on purpose
 _BLOCK = 1 << 20  # xxh3 reads fastest in blocks of about 1 MiB (measured: 3.6 GB/s, 8 MiB blocks 2.4 GB/s)
@@ -90,12 +91,7 @@ def write_marker(folder: Path, names: Iterable[str] | None = None, **info: Any) 
     """Record `folder`'s files (all, or `names`) with `info`; written under a temporary name and renamed, so a marker
     is either whole or absent."""
     marker = {**info, "files": manifest(folder, names), "versions": versions()}
-    tmp = folder / (MARKER + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(marker, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / MARKER)
+    fsutil.atomic_write(folder / MARKER, json.dumps(marker, indent=1) + "\n")
     return marker
 
 
@@ -179,7 +175,7 @@ def check_model_folder(folder: Path) -> list[Damage]:
     if read_marker(folder) is not None:
         return verify(folder)
     names = {p.name for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin")}
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    for index in (SAFETENSORS_INDEX, "pytorch_model.bin.index.json"):
         if (folder / index).is_file():
             try:
                 listed = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"].values()

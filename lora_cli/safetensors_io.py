@@ -1,4 +1,8 @@
-"""Safetensors folders read and written one tensor at a time with plain file reads and writes."""
+"""Safetensors model folders, read and written one tensor at a time with plain file reads and writes.
+
+safetensors' own API maps whole files and serialises whole shards in memory; these stream one tensor at a time, so
+lora-merge and lora-export stay near one tensor of memory whatever the model's size.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,7 @@ from typing import Any
 
 from . import integrity
 from .errors import RunFailure, UsageError
-
-INDEX = "model.safetensors.index.json"
-
-# safetensors' own API maps whole files and serialises whole shards in memory; these stream one tensor at a time.
+from .filenames import SAFETENSORS_INDEX, SAFETENSORS_WEIGHTS
 
 _ST_CODES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16",
@@ -26,7 +27,7 @@ def _torch_dtype(code: str) -> Any:
 
     name = _ST_CODES.get(code)
     if name is None or not hasattr(torch, name):
-        raise UsageError(f"safetensors dtype {code} is not supported by this merge")
+        raise UsageError(f"safetensors dtype {code} is not supported")
     return getattr(torch, name)
 
 
@@ -104,29 +105,51 @@ def write_safetensors(path: Path, entries: list[tuple[str, tuple, Any]], produce
     return offset
 
 
+def has_safetensors(folder: Path) -> bool:
+    """Whether the folder holds safetensors weights (one file, or shards listed in an index); reads no tensor."""
+    return (folder / SAFETENSORS_INDEX).is_file() or (folder / SAFETENSORS_WEIGHTS).is_file()
+
+
+def shard_names(folder: Path, label: str) -> list[str] | None:
+    """The folder's safetensors files (from the index when sharded), checked to exist; None when it has none."""
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    elif (folder / SAFETENSORS_WEIGHTS).is_file():
+        names = [SAFETENSORS_WEIGHTS]
+    else:
+        return None
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise UsageError(f"{label} {folder}: shard {missing[0]} listed in {SAFETENSORS_INDEX} is missing")
+    return names
+
+
 @dataclass
-class Checkpoint:
-    """The base model's safetensors shards, their tensor names, shapes and dtypes."""
+class SafetensorsFolder:
+    """A model folder's safetensors weights: its shards (through the index when sharded), and which shard holds each
+    tensor, with the tensors' names, shapes and dtypes from the headers."""
 
     folder: Path
     files: list[SafetensorsFile]
-    where: dict[str, SafetensorsFile]
+    where: dict[str, SafetensorsFile]  # tensor name -> the shard holding it
 
     @classmethod
-    def open(cls, folder: Path) -> Checkpoint | None:
-        """None when the folder has no safetensors weights (e.g. only pytorch_model.bin)."""
-        index = folder / INDEX
-        if index.is_file():
-            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        elif (folder / "model.safetensors").is_file():
-            names = ["model.safetensors"]
-        else:
+    def open(cls, folder: Path, label: str) -> SafetensorsFolder | None:
+        """None when the folder has no safetensors weights (e.g. only pytorch_model.bin). `label` names the folder in
+        errors, as the user gave it (e.g. "--base_model")."""
+        names = shard_names(folder, label)
+        if names is None:
             return None
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise UsageError(f"--base_model {folder}: shard {missing[0]} listed in {INDEX} is missing")
         files = [SafetensorsFile(folder / n) for n in names]
         return cls(folder, files, {name: f for f in files for name in f.entries})
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: f.shape(name) for name, f in self.where.items()}
+
+    def read(self, name: str) -> Any:
+        return self.where[name].read(name)
 
     def close(self) -> None:
         for f in self.files:

@@ -16,6 +16,7 @@ from lora_cli.export import command as export_command, go_template, ollama
 from lora_cli.export import tensors as export_tensors, verify as export_verify, vocab as export_vocab
 from lora_cli.config import parse_args
 from lora_cli.errors import UsageError
+from lora_cli.verification import EXPORT_TOLERANCES
 
 from .conftest import CHAT, INST_TEMPLATE, LLAMA3_TEMPLATE, ROOT, run_cli
 
@@ -128,8 +129,8 @@ def test_tiny_llama_q8_0_round_trip_checked_by_transformers(tiny_llama, tmp_path
     assert "not llama.cpp itself" in caplog.text and "fetch_llama_cpp.sh" in caplog.text
     assert report["tensor_types"] == {"Q8_0": 16, "F32": 5}
     logits = verification["logits"]
-    assert 0 < logits["max_rel_logit_diff"] < export_verify.TOLERANCES["q8_0"]["max_rel_logit_diff"]
-    assert logits["max_kl"] < export_verify.TOLERANCES["q8_0"]["max_kl"]
+    assert 0 < logits["max_rel_logit_diff"] < EXPORT_TOLERANCES["q8_0"]["max_rel_logit_diff"]
+    assert logits["max_kl"] < EXPORT_TOLERANCES["q8_0"]["max_kl"]
     assert _metadata(tmp_path / "tiny-q8.gguf")["general.file_type"] == 7
     assert report["size_bytes"] < 1.1 * report["parameters"] + 2**21  # 8.5 bits a weight, plus the vocabulary
 
@@ -323,9 +324,9 @@ def test_compare_logits_gates():
     import torch
 
     reference = [torch.tensor([[1.0, 2.0, 3.0], [0.0, 5.0, -5.0]])]
-    close = export_verify.compare_logits(reference, [reference[0] + 1e-3], export_verify.TOLERANCES["f16"])
+    close = export_verify.compare_logits(reference, [reference[0] + 1e-3], EXPORT_TOLERANCES["f16"])
     assert close["passed"] and close["max_rel_logit_diff"] == pytest.approx(1e-3 / 5, rel=1e-3)
-    far = export_verify.compare_logits(reference, [reference[0].flip(-1)], export_verify.TOLERANCES["q8_0"])
+    far = export_verify.compare_logits(reference, [reference[0].flip(-1)], EXPORT_TOLERANCES["q8_0"])
     assert not far["passed"] and far["max_rel_logit_diff"] == 1.0 and far["top1_agreement"] == 0.5
 
 
@@ -335,7 +336,7 @@ def test_failed_verification_exits_1_and_keeps_the_file(tiny_llama, tmp_path, mo
                                              "chat_template_preserved": True, "checked_by_transformers": True,
                                              "passed": True},
               "logits": {"positions": 9, "max_abs_logit_diff": 3.0, "logit_scale": 10.0, "max_rel_logit_diff": 0.3,
-                         "mean_kl": 0.1, "max_kl": 0.5, "top1_agreement": 0.5, "tolerance": export_verify.TOLERANCES["f16"],
+                         "mean_kl": 0.1, "max_kl": 0.5, "top1_agreement": 0.5, "tolerance": EXPORT_TOLERANCES["f16"],
                          "passed": False}}
     monkeypatch.setattr(export_command, "verify", lambda *args: failed)
     out = tmp_path / "bad.gguf"

@@ -362,7 +362,7 @@ def test_dry_run_reports_without_loading_or_writing(tiny_llama, chat_file, tmp_p
     from lora_cli import estimate
 
     cfg = config.parse_args(argv)
-    model = attach_lora(estimate.meta_model(str(tiny_llama)), cfg)
+    model = attach_lora(models.meta_model(str(tiny_llama)), cfg)
     full, qlora = (estimate.estimate(model, precision="bf16", quantization=q, optim="adamw_torch", batch_size=2,
                                      seq_len=256, gradient_checkpointing=True) for q in (None, "4bit"))
     assert qlora.weights < full.weights and qlora.trainable_params == full.trainable_params > 0

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from .. import llamacpp
-from ..errors import RunFailure, UsageError
+from .. import fsutil, llamacpp
+from ..errors import RunFailure, UsageError, first_line
 from ..models import GGUF_PRE_KEY
-from ..verification import fits_in_memory
+from ..verification import verify_or_skip
 from .config import ExportConfig, modelfile_path
 from .gguf_writer import write_gguf
 from .ollama import ollama_modelfile
@@ -31,24 +30,7 @@ def load_tokenizer(folder: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(folder)
     except Exception as exc:  # noqa: BLE001 - missing files and broken configs raise many types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise UsageError(f"MODEL_DIR {folder}: cannot load its tokenizer ({first})") from None
-
-
-def check_disk_space(out: Path, plan: list[PlannedTensor]) -> None:
-    import shutil
-
-    need = sum(t.nbytes for t in plan)
-    free = shutil.disk_usage(out.parent).free
-    if free < need * 1.05:
-        raise RunFailure(f"OUT {out}: the GGUF needs about {need / 2**30:.2f} GiB, only {free / 2**30:.2f} GiB free "
-                         "on that disk")
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+        raise UsageError(f"MODEL_DIR {folder}: cannot load its tokenizer ({first_line(exc)})") from None
 
 
 def export(cfg: ExportConfig) -> dict[str, Any]:
@@ -71,7 +53,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
                               "architecture": source.arch.gguf, "tensors": len(plan), "parameters": parameters}
     report.update(write_verified(cfg, source, plan, tokenizer, vocab))
     if modelfile is not None:
-        _write_text_atomically(modelfile_path(out), modelfile.text)
+        fsutil.atomic_write(modelfile_path(out), modelfile.text)
         report["modelfile"] = str(modelfile_path(out))
         log.info("wrote %s (TEMPLATE%s, stop %s): ollama create %s -f %s", modelfile_path(out),
                  ", default SYSTEM prompt" if modelfile.shape.default_system else "", " ".join(modelfile.stops),
@@ -94,10 +76,8 @@ def write_verified(cfg: ExportConfig, source: Source, plan: list[PlannedTensor],
     fails, as lora-merge does: the numbers say what is wrong, the file lets one look)."""
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    check_disk_space(out, plan)
-    # Named per process rather than by mkstemp, whose private 0600 mode the finished file would keep.
-    tmp = out.with_name(f".{out.stem}.partial-{os.getpid()}.gguf")
-    try:
+    fsutil.check_free_space(out, sum(t.nbytes for t in plan), f"OUT {out}: the GGUF")
+    with fsutil.staged_file(out) as tmp:
         write_gguf(tmp, source, plan, vocab, cfg.outtype, source.folder.resolve().name)
         counts: dict[str, int] = {}
         for t in plan:
@@ -105,21 +85,14 @@ def write_verified(cfg: ExportConfig, source: Source, plan: list[PlannedTensor],
         size = tmp.stat().st_size
         log.info("wrote %d tensors (%s), %.1f MiB", len(plan), ", ".join(f"{n} {k}" for k, n in counts.items()),
                  size / 2**20)
-        verification = _verify_or_skip(cfg, source, tmp, tokenizer, vocab, sum(math.prod(t.shape) for t in plan))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+        parameters = sum(math.prod(t.shape) for t in plan)
+        # fp32 weights, twice while transformers dequantises the GGUF, plus activations
+        verification = verify_or_skip(cfg.verify, parameters * 4 * 2 * 1.5,
+                                      lambda: _verify(cfg, source, tmp, tokenizer, vocab))
     return {"tensor_types": counts, "size_bytes": size, "verification": verification}
 
 
-def _verify_or_skip(cfg: ExportConfig, source: Source, path: Path, tokenizer: Any, vocab: Vocab,
-                    parameters: int) -> dict[str, Any]:
-    if not cfg.verify:
-        return {"skipped": "--no-verify"}
-    if not fits_in_memory(parameters * 4 * 2):  # fp32 weights, twice while transformers dequantises the GGUF
-        reason = f"the model needs about {parameters * 12 / 2**30:.1f} GiB to verify, more than is available"
-        log.warning("verification skipped: %s", reason)
-        return {"skipped": reason}
+def _verify(cfg: ExportConfig, source: Source, path: Path, tokenizer: Any, vocab: Vocab) -> dict[str, Any]:
     runtime = llamacpp.find()
     if isinstance(runtime, str):
         log.warning("verifying with transformers' GGUF reader, not llama.cpp itself (%s); that reader accepts some "

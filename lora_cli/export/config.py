@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import opt
-from ..safetensors_io import INDEX
+from ..filenames import ADAPTER_CONFIG, MODEL_CONFIG, SAFETENSORS_INDEX, SAFETENSORS_WEIGHTS
+from ..safetensors_io import has_safetensors
 from .source import ARCHS, SUPPORTED
 
 OUTTYPES = ("f16", "bf16", "q8_0", "f32")
@@ -58,14 +59,14 @@ def model_dir_problems(model_dir: str) -> list[str]:
         if folder.suffix.lower() == ".gguf":
             return [f"MODEL_DIR {model_dir}: already a GGUF file; lora-export converts a Hugging Face model folder"]
         return [f"MODEL_DIR {model_dir}: a file, not a model folder"]
-    if not (folder / "config.json").is_file():
-        if (folder / "adapter_config.json").is_file():
+    if not (folder / MODEL_CONFIG).is_file():
+        if (folder / ADAPTER_CONFIG).is_file():
             return [f"MODEL_DIR {model_dir}: a LoRA adapter, not a model; merge it first "
                     f"(lora-merge {model_dir} {folder.with_name(folder.name + '-merged')}) and export the merged "
                     "folder"]
         return [f"MODEL_DIR {model_dir}: no config.json, not a Hugging Face model folder"]
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((folder / MODEL_CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         return [f"MODEL_DIR {model_dir}: config.json cannot be read ({exc})"]
     model_type = config.get("model_type") if isinstance(config, dict) else None
@@ -75,9 +76,9 @@ def model_dir_problems(model_dir: str) -> list[str]:
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "quantised")
         return [f"MODEL_DIR {model_dir}: a pre-quantised ({method}) checkpoint; export the full-precision model"]
-    if not (folder / INDEX).is_file() and not (folder / "model.safetensors").is_file():
-        return [f"MODEL_DIR {model_dir}: no safetensors weights (model.safetensors or {INDEX}); save the model with "
-                "save_pretrained() first"]
+    if not has_safetensors(folder):
+        return [f"MODEL_DIR {model_dir}: no safetensors weights ({SAFETENSORS_WEIGHTS} or {SAFETENSORS_INDEX}); save "
+                "the model with save_pretrained() first"]
     return []
 
 

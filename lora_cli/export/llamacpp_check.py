@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import chat, llamacpp
-from ..verification import BUILTIN_PROMPTS
 from .source import Source
-from .verify import TRICKY_STRINGS, next_token_logits, probe_conversations
+from ..verification import BUILTIN_PROMPTS, next_token_logits
+from .verify import TRICKY_STRINGS, probe_conversations
 
 log = logging.getLogger("lora_cli")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import chat
-from ..errors import UsageError
+from ..errors import UsageError, one_line
 from ..verification import BUILTIN_PROMPTS
 from .config import modelfile_path
 from .go_template import render_go_template
@@ -54,8 +54,7 @@ def chat_shape(tokenizer: Any, adds_bos: bool) -> ChatShape:
         try:
             return chat.render(tokenizer, messages, add_generation_prompt=generation)
         except Exception as exc:  # noqa: BLE001 - jinja raises many types, raise_exception() included
-            raise Untranslatable(f"rendering a probe conversation failed ({' '.join(str(exc).split())[:200]})") \
-                from None
+            raise Untranslatable(f"rendering a probe conversation failed ({one_line(exc)})") from None
 
     u1, a1, u2 = ("user", s["user1"]), ("assistant", s["assistant1"]), ("user", s["user2"])
     before_user, user_suffix = _split(render([u1]), [s["user1"]])

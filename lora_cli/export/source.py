@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,10 +9,9 @@ from typing import Any
 
 from .. import integrity
 from ..errors import UsageError
-from ..safetensors_io import INDEX
+from ..safetensors_io import SafetensorsFolder, shard_names
 
 log = logging.getLogger("lora_cli")
-
 
 
 @dataclass(frozen=True)
@@ -36,8 +34,7 @@ class Source:
     folder: Path
     config: Any  # transformers PretrainedConfig
     arch: Arch
-    files: dict[str, Path]  # tensor name -> safetensors file holding it
-    shapes: dict[str, tuple[int, ...]]
+    weights: SafetensorsFolder
 
     @property
     def head_dim(self) -> int:
@@ -53,25 +50,14 @@ class Source:
 
 
 def open_source(folder: Path) -> Source:
-    from safetensors import safe_open
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder)
-    index = folder / INDEX
-    names = list(dict.fromkeys(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())) \
-        if index.is_file() else ["model.safetensors"]
-    missing = [name for name in names if not (folder / name).is_file()]
-    if missing:
-        raise UsageError(f"MODEL_DIR {folder}: shard {missing[0]} listed in {INDEX} is missing")
+    names = shard_names(folder, "MODEL_DIR")
+    if names is None:  # model_dir_problems() checked the files; they went away since
+        raise UsageError(f"MODEL_DIR {folder}: no safetensors weights")
     integrity.require_intact(folder, f"MODEL_DIR {folder}", "merge or copy the model again", names=names)
-    files, shapes = {}, {}
-    for name in names:
-        path = folder / name
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                files[key] = path
-                shapes[key] = tuple(f.get_slice(key).get_shape())
-    source = Source(folder, config, ARCHS[config.model_type], files, shapes)
+    source = Source(folder, config, ARCHS[config.model_type], SafetensorsFolder.open(folder, "MODEL_DIR"))
     rope_type = source.rope()[1]
     if rope_type != "default":
         raise UsageError(f"MODEL_DIR {folder}: rope scaling {rope_type!r} is not supported by lora-export yet (only "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..errors import RunFailure, UsageError
@@ -35,12 +34,12 @@ def plan_tensors(source: Source, outtype: str) -> list[PlannedTensor]:
     arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == source.arch.gguf)
     names = gguf.get_tensor_name_map(arch, source.config.num_hidden_layers)
     tied = bool(getattr(source.config, "tie_word_embeddings", False))
-    if not tied and "lm_head.weight" not in source.shapes:
+    if not tied and "lm_head.weight" not in source.weights.shapes:
         raise UsageError(f"MODEL_DIR {source.folder}: untied embeddings but no lm_head.weight in the checkpoint")
     wanted = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
               "q8_0": gguf.GGMLQuantizationType.Q8_0, "f32": gguf.GGMLQuantizationType.F32}[outtype]
     plan = []
-    for hf_name, shape in source.shapes.items():
+    for hf_name, shape in source.weights.shapes.items():
         if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
             continue  # recomputed by every runtime / the same matrix as the embeddings
         base, _, suffix = hf_name.rpartition(".")
@@ -68,16 +67,11 @@ class TensorReader:
 
     def __init__(self, source: Source):
         self.source = source
-        self.handles: dict[Path, Any] = {}
 
     def read(self, t: PlannedTensor) -> Any:
         import torch
-        from safetensors import safe_open
 
-        path = self.source.files[t.source]
-        if path not in self.handles:
-            self.handles[path] = safe_open(path, framework="pt")
-        tensor = self.handles[path].get_tensor(t.source).to(torch.float32)
+        tensor = self.source.weights.read(t.source).to(torch.float32)
         if self.source.arch.permute_qk and re.search(r"\.attn_[qk]\.(weight|bias)$", t.name):
             c = self.source.config
             tensor = rope_rows_to_pairs(tensor, c.num_attention_heads if ".attn_q." in t.name
@@ -85,7 +79,7 @@ class TensorReader:
         return tensor.numpy()
 
     def close(self) -> None:
-        self.handles.clear()
+        self.source.weights.close()
 
 
 def rope_rows_to_pairs(w: Any, n_heads: int) -> Any:

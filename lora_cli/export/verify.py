@@ -10,20 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import chat
-from ..errors import RunFailure
-from ..verification import BUILTIN_PROMPTS
+from ..errors import RunFailure, one_line
+from ..verification import BUILTIN_PROMPTS, EXPORT_TOLERANCES, logit_differences, next_token_logits, within
 from .source import Source
 from .vocab import Vocab
 
 log = logging.getLogger("lora_cli")
 
-# Gates on the next-token logits of the exported model (loaded back with transformers) against the source, both run
-# in fp32: the difference is the rounding of the weights to --outtype. Relative to the logit scale (the largest
-# |logit| of the source on the same prompts), so that tiny random models and real ones share the numbers.
-TOLERANCES = {"f32": {"max_rel_logit_diff": 1e-4, "max_kl": 1e-6},
-              "f16": {"max_rel_logit_diff": 1e-2, "max_kl": 2e-3},
-              "bf16": {"max_rel_logit_diff": 5e-2, "max_kl": 2e-2},
-              "q8_0": {"max_rel_logit_diff": 1e-1, "max_kl": 5e-2}}
 # Text the tokenizer check encodes besides the rendered prompts: unicode, odd whitespace, digits, special tokens.
 TRICKY_STRINGS = ["naïve café, Zürich — 東京 🙂 ﬁ", "  two leading spaces and trailing  ",
                   "tabs\tand\n\nnewlines\r\n", "12345 3.14159 -0.5e10", "don't I'LL we've",
@@ -47,7 +40,7 @@ def probe_conversations(tokenizer: Any) -> list[list[int]]:
             return [chat.encode(tokenizer, messages).input_ids for messages in BUILTIN_PROMPTS]
         except Exception as exc:  # noqa: BLE001 - jinja and the masking code raise many types
             log.warning("verifying on plain text: the chat template does not render the probe conversations (%s)",
-                        " ".join(str(exc).split())[:200])
+                        one_line(exc))
     return [tokenizer(" ".join(m["content"] for m in messages))["input_ids"] for messages in BUILTIN_PROMPTS]
 
 
@@ -66,32 +59,10 @@ def compare_tokenizers(source: Any, loaded: Any, texts: list[str], vocab: Vocab)
             "passed": (not mismatched or not exact) and not wrong_ids and template_kept}
 
 
-def next_token_logits(model: Any, conversations: list[list[int]]) -> list[Any]:
-    import torch
-
-    model.eval()
-    with torch.no_grad():
-        return [model(input_ids=torch.tensor([ids])).logits[0].to(torch.float32) for ids in conversations]
-
-
 def compare_logits(reference: list[Any], exported: list[Any], tolerance: dict[str, float]) -> dict[str, Any]:
-    """Largest |logit difference| (absolute and relative to the largest |logit|), KL(source || export) of the next-token
-    distributions at every position, and how often the most likely next token agrees."""
-    import torch
-
-    diff = max(float((r - e).abs().max()) for r, e in zip(reference, exported))
-    scale = max(float(r.abs().max()) for r in reference) or 1.0
-    kls, agree, positions = [], 0, 0
-    for r, e in zip(reference, exported):
-        logp, logq = torch.log_softmax(r.double(), -1), torch.log_softmax(e.double(), -1)
-        kls.append((logp.exp() * (logp - logq)).sum(-1).clamp_min(0))
-        agree += int((r.argmax(-1) == e.argmax(-1)).sum())
-        positions += r.shape[0]
-    kl = torch.cat(kls)
-    result = {"prompts": len(reference), "positions": positions, "max_abs_logit_diff": diff, "logit_scale": scale,
-              "max_rel_logit_diff": diff / scale, "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
-              "top1_agreement": agree / positions, "tolerance": tolerance}
-    result["passed"] = all(result[k] <= v for k, v in tolerance.items())
+    """The source's and the export's logits compared (verification.logit_differences), judged against `tolerance`."""
+    result = {"prompts": len(reference), **logit_differences(reference, exported), "tolerance": tolerance}
+    result["passed"] = within(result, tolerance)
     return result
 
 
@@ -139,7 +110,7 @@ def verify(source: Source, gguf_path: Path, tokenizer: Any, vocab: Vocab, outtyp
     exported = next_token_logits(exported_model, conversations)
     del exported_model
     gc.collect()
-    logits = compare_logits(reference, exported, TOLERANCES[outtype])
+    logits = compare_logits(reference, exported, EXPORT_TOLERANCES[outtype])
     return {"passed": logits["passed"] and tokens["passed"], "logits": logits, "tokenizer": tokens}
 
 

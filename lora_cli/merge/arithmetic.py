@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import RunFailure
-from ..safetensors_io import Checkpoint
+from ..safetensors_io import SafetensorsFolder
 from .adapter_tensors import LoraModule
 from .plan import Plan
 
@@ -37,7 +37,7 @@ def merged_weight(weight: Any, m: LoraModule) -> Any:
     return merged
 
 
-def produce_tensor(name: str, ckpt: Checkpoint, plan: Plan, out_dtype: Any) -> Any:
+def produce_tensor(name: str, ckpt: SafetensorsFolder, plan: Plan, out_dtype: Any) -> Any:
     """One output tensor: the base tensor (or the adapter's replacement), NF4-rounded if asked, plus its LoRA."""
     import torch
 

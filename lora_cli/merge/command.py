@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import adapters, integrity, models
+from .. import adapters, fsutil, integrity, models
 from ..adapters import Adapter
-from ..errors import RunFailure, UsageError
-from ..safetensors_io import Checkpoint
-from ..verification import fits_in_memory
+from ..errors import RunFailure, UsageError, first_line
+from ..filenames import MERGE_REPORT, MODEL_CONFIG
+from ..safetensors_io import SafetensorsFolder
+from ..verification import verify_or_skip
 from .adapter_tensors import AdapterTensors, parse_adapter
-from .config import REPORT, MergeConfig, _existing_ancestor, out_dir_problems
+from .config import MergeConfig, out_dir_problems
 from .plan import Plan, plan_merge
 from .verify import verify
 from .writer import (DTYPE_NAMES, output_dtype, write_config, write_streamed, write_tokenizer_and_generation,
@@ -34,7 +32,7 @@ class Job:
     adapter: Adapter
     base: models.BaseModel
     folder: Path  # local folder with the base's config and weights
-    ckpt: Checkpoint | None  # None: no safetensors (peft's merge loads the model instead)
+    ckpt: SafetensorsFolder | None  # None: no safetensors (peft's merge loads the model instead)
     dtype: str  # fp32 | bf16 | fp16: --dtype, or what auto resolves to
     parsed: AdapterTensors
     plan: Plan
@@ -48,12 +46,12 @@ def prepare(cfg: MergeConfig) -> Job:
     problems = out_dir_problems(Path(cfg.out_dir), cfg.overwrite, [adapter.path, folder])
     if problems:
         raise UsageError(problems[0])
-    base_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    base_config = json.loads((folder / MODEL_CONFIG).read_text(encoding="utf-8"))
     if base_config.get("quantization_config"):
         method = base_config["quantization_config"].get("quant_method", "quantised")
         raise UsageError(f"--base_model {base.display}: a pre-quantised ({method}) checkpoint; merging needs the "
                          "full-precision weights: pass the original model as --base_model")
-    ckpt = Checkpoint.open(folder)
+    ckpt = SafetensorsFolder.open(folder, "--base_model")
     skeleton = build_skeleton(base, folder, cfg.trust_remote_code)
     parsed = parse_adapter(adapter, adapters.load_adapter_weights(adapter))
     plan = plan_merge(adapter, parsed, ckpt, skeleton, cfg.simulate_nf4)
@@ -69,26 +67,21 @@ def merge(cfg: MergeConfig) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     _log_start(job, cfg)
     check_disk_space(out, job.ckpt, cfg.dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the model folder gets the usual permissions
     try:
-        report = write_model(cfg, job, tmp)
-        report["seconds"] = round(time.perf_counter() - start, 1)
-        (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        integrity.write_marker(tmp, written_by="lora-merge")  # lora-export and later loads check the files against it
-        replace_folder(tmp, out)
+        with fsutil.staged_folder(out, replace=True) as tmp:  # an existing OUT_DIR (checked to be a model) goes last
+            report = write_model(cfg, job, tmp)
+            report["seconds"] = round(time.perf_counter() - start, 1)
+            (tmp / MERGE_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            # lora-export and later loads check the files against the marker
+            integrity.write_marker(tmp, written_by="lora-merge")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         if job.ckpt is not None:
             job.ckpt.close()
     log.info(summary_line(report, out))
     verification = report["verification"]
     if not verification.get("skipped") and not verification["passed"]:
         raise RunFailure(f"verification failed: the merged model differs from base+adapter beyond tolerance "
-                         f"(details in {out / REPORT})")
+                         f"(details in {out / MERGE_REPORT})")
     return report
 
 
@@ -103,18 +96,13 @@ def write_model(cfg: MergeConfig, job: Job, tmp: Path) -> dict[str, Any]:
     tokenizer, eos_ids = write_tokenizer_and_generation(job.adapter, job.base, job.folder, tmp,
                                                         cfg.trust_remote_code)
     report = build_report(cfg, job, tmp, shards)
-    if not cfg.verify:
-        report["verification"] = {"skipped": "--no-verify"}
-    elif not fits_in_memory(job.model_bytes):
-        reason = f"the model needs about {job.model_bytes * 1.5 / 2**30:.1f} GiB to verify, more than is available"
-        log.warning("verification skipped: %s", reason)
-        report["verification"] = {"skipped": reason}
-    else:
-        report["verification"] = verify(job, tmp, tokenizer, eos_ids, cfg.trust_remote_code)
+    # One fp32 model at a time, plus activations.
+    report["verification"] = verify_or_skip(cfg.verify, job.model_bytes * 1.5,
+                                            lambda: verify(job, tmp, tokenizer, eos_ids, cfg.trust_remote_code))
     return report
 
 
-def resolve_dtype(requested: str, ckpt: Checkpoint | None, base_config: dict[str, Any]) -> str:
+def resolve_dtype(requested: str, ckpt: SafetensorsFolder | None, base_config: dict[str, Any]) -> str:
     """--dtype, or for auto the dtype most of the base's floating weights are stored in."""
     if requested != "auto":
         return requested
@@ -132,21 +120,15 @@ def resolve_dtype(requested: str, ckpt: Checkpoint | None, base_config: dict[str
 
 def build_skeleton(base: models.BaseModel, folder: Path, trust_remote_code: bool) -> Any:
     """The base model's modules with no memory behind them (meta device): names, layer types, tied weights."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return models.meta_model(folder, trust_remote_code)
     except Exception as exc:  # unknown architectures and remote-code refusals raise several types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         hint = "" if trust_remote_code else "; if the model ships its own code, pass --trust_remote_code"
-        raise UsageError(f"--base_model {base.display}: transformers cannot build this model ({first}){hint}") \
-            from None
+        raise UsageError(f"--base_model {base.display}: transformers cannot build this model "
+                         f"({first_line(exc)}){hint}") from None
 
 
-def check_disk_space(out: Path, ckpt: Checkpoint | None, dtype: str) -> None:
+def check_disk_space(out: Path, ckpt: SafetensorsFolder | None, dtype: str) -> None:
     """Fail before writing anything when the merged shards cannot fit on OUT_DIR's disk."""
     if ckpt is None:
         return
@@ -155,27 +137,7 @@ def check_disk_space(out: Path, ckpt: Checkpoint | None, dtype: str) -> None:
         for name in f.entries:
             source = f.dtype(name)
             need += f.nbytes(name) // source.itemsize * output_dtype(dtype, source).itemsize
-    free = shutil.disk_usage(_existing_ancestor(out)).free
-    if free < need * 1.05:
-        raise RunFailure(f"OUT_DIR {out}: the merged model needs about {need / 2**30:.2f} GiB, only "
-                         f"{free / 2**30:.2f} GiB free on that disk")
-
-
-def replace_folder(tmp: Path, out: Path) -> None:
-    """Move the complete model into place; an existing OUT_DIR (checked to be a model) goes only after that."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rename(out, old / out.name)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        if old is not None:
-            os.rename(old / out.name, out)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    fsutil.check_free_space(out, need, f"OUT_DIR {out}: the merged model")
 
 
 def _log_start(job: Job, cfg: MergeConfig) -> None:

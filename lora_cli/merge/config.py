@@ -9,9 +9,8 @@ from pathlib import Path
 from .. import adapters
 from ..config import opt
 from ..errors import UsageError
-
-REPORT = "merge_report.json"
-
+from ..filenames import ADAPTER_CONFIG, MERGE_REPORT, MODEL_CONFIG
+from ..fsutil import existing_ancestor
 
 @dataclass
 class MergeConfig:
@@ -47,10 +46,10 @@ class MergeConfig:
         adapter = None
         if not self.adapter_dir:
             errors.append("ADAPTER_DIR is required (the adapter folder lora-train wrote)")
-        elif (Path(self.adapter_dir) / "config.json").is_file() and \
-                not (Path(self.adapter_dir) / adapters.ADAPTER_CONFIG).is_file():
+        elif (Path(self.adapter_dir) / MODEL_CONFIG).is_file() and \
+                not (Path(self.adapter_dir) / ADAPTER_CONFIG).is_file():
             errors.append(f"ADAPTER_DIR {self.adapter_dir}: a full model (config.json, no "
-                          f"{adapters.ADAPTER_CONFIG}), already merged or never an adapter: nothing to merge")
+                          f"{ADAPTER_CONFIG}), already merged or never an adapter: nothing to merge")
         else:
             try:
                 adapter = adapters.read_adapter(self.adapter_dir)
@@ -75,19 +74,12 @@ def out_dir_problems(out: Path, overwrite: bool, protected: list[Path]) -> list[
     for path in protected:
         if out.resolve() == path.resolve() or out.resolve() in path.resolve().parents:
             return [f"OUT_DIR {out}: would replace {path}, an input of this merge; choose another folder"]
-    if not os.access(_existing_ancestor(out), os.W_OK):
+    if not os.access(existing_ancestor(out), os.W_OK):
         return [f"OUT_DIR {out}: not writable"]
     if not out.is_dir() or not any(out.iterdir()):
         return []
     if not overwrite:
         return [f"OUT_DIR {out}: already exists; pass --overwrite to replace it, or choose a new folder"]
-    if not (out / "config.json").is_file() and not (out / REPORT).is_file():
+    if not (out / MODEL_CONFIG).is_file() and not (out / MERGE_REPORT).is_file():
         return [f"OUT_DIR {out}: not a model folder (no config.json); --overwrite only replaces a model folder"]
     return []
-
-
-def _existing_ancestor(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists():
-        path = path.parent
-    return path if path.is_dir() else path.parent

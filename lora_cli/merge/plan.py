@@ -7,7 +7,7 @@ from typing import Any
 
 from ..adapters import Adapter
 from ..errors import UsageError
-from ..safetensors_io import Checkpoint
+from ..safetensors_io import SafetensorsFolder
 from .adapter_tensors import AdapterTensors, LoraModule
 
 # peft features whose merge the streaming path does not reimplement: peft's own merge handles them.
@@ -26,7 +26,7 @@ class Plan:
     nf4: set[str] = field(default_factory=set)  # base weights rounded through NF4 (--simulate_nf4)
 
 
-def plan_merge(adapter: Adapter, parsed: AdapterTensors, ckpt: Checkpoint | None, skeleton: Any,
+def plan_merge(adapter: Adapter, parsed: AdapterTensors, ckpt: SafetensorsFolder | None, skeleton: Any,
                simulate_nf4: bool) -> Plan:
     """Map every adapter tensor onto a base tensor, check shapes, and decide between streaming and peft's merge.
 
@@ -91,7 +91,7 @@ def _set_layer_kinds(parsed: AdapterTensors, modules: dict[str, Any]) -> None:
             del parsed.modules[m.name]
 
 
-def _streaming_obstacle(adapter: Adapter, parsed: AdapterTensors, ckpt: Checkpoint | None, plan: Plan,
+def _streaming_obstacle(adapter: Adapter, parsed: AdapterTensors, ckpt: SafetensorsFolder | None, plan: Plan,
                         tied: dict[str, str]) -> str:
     """Why the streaming merge cannot apply (empty when it can)."""
     if ckpt is None:

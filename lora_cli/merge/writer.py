@@ -11,7 +11,8 @@ from typing import Any
 
 from .. import adapters, chat, models
 from ..adapters import Adapter
-from ..safetensors_io import INDEX, Checkpoint, write_safetensors
+from ..filenames import GENERATION_CONFIG, MODEL_CONFIG, SAFETENSORS_INDEX
+from ..safetensors_io import SafetensorsFolder, write_safetensors
 from .arithmetic import nf4_round_trip, produce_tensor
 from .plan import Plan
 
@@ -27,7 +28,7 @@ def output_dtype(requested: str, source: Any) -> Any:
     return models.torch_dtype(requested)
 
 
-def write_streamed(ckpt: Checkpoint, plan: Plan, dtype: str, out: Path) -> list[str]:
+def write_streamed(ckpt: SafetensorsFolder, plan: Plan, dtype: str, out: Path) -> list[str]:
     """Merge shard by shard into `out`, mirroring the base's sharding; returns the shard file names."""
     names = [f.path.name for f in ckpt.files]
     extra = {t: ckpt.where[s] for t, s in plan.untie.items() if t not in ckpt.where}
@@ -48,7 +49,7 @@ def write_streamed(ckpt: Checkpoint, plan: Plan, dtype: str, out: Path) -> list[
             log.info("merged shard %d/%d (%s)", i + 1, len(names), names[i])
     if len(names) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return names
 
 
@@ -66,7 +67,7 @@ def write_with_peft(adapter: Adapter, base: models.BaseModel, plan: Plan, dtype:
     merged = PeftModel.from_pretrained(model, str(adapter.path)).merge_and_unload(safe_merge=True)
     merged = merged.to(models.torch_dtype(dtype))
     merged.save_pretrained(out, max_shard_size="5GB")
-    for name in ("config.json", "generation_config.json"):
+    for name in (MODEL_CONFIG, GENERATION_CONFIG):
         (out / name).unlink(missing_ok=True)  # rewritten from the base's own files below, as for streaming
     del merged, model
     gc.collect()
@@ -94,7 +95,7 @@ def untie_in_place(model: Any) -> None:
 
 def write_config(folder: Path, out: Path, dtype: str, untied: bool) -> dict[str, Any]:
     """The base's config.json with the merged dtype and tying; nothing about peft or quantisation."""
-    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    cfg = json.loads((folder / MODEL_CONFIG).read_text(encoding="utf-8"))
     cfg.pop("quantization_config", None)
     if dtype != "auto":
         for key in ("dtype", "torch_dtype"):
@@ -104,7 +105,7 @@ def write_config(folder: Path, out: Path, dtype: str, untied: bool) -> dict[str,
         cfg["tie_word_embeddings"] = False
         if isinstance(cfg.get("text_config"), dict):
             cfg["text_config"]["tie_word_embeddings"] = False
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (out / MODEL_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     for code in folder.glob("*.py"):  # models with their own code need it next to the weights
         shutil.copy2(code, out / code.name)
     return cfg
@@ -118,10 +119,10 @@ def write_tokenizer_and_generation(adapter: Adapter, base: models.BaseModel, fol
 
     tokenizer = adapters.load_adapter_tokenizer(adapter, base, trust_remote_code)
     tokenizer.save_pretrained(out)
-    if (folder / "generation_config.json").is_file():
+    if (folder / GENERATION_CONFIG).is_file():
         generation = GenerationConfig.from_pretrained(folder)
     else:
-        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        cfg = json.loads((folder / MODEL_CONFIG).read_text(encoding="utf-8"))
         generation = GenerationConfig(**{k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                                          if cfg.get(k) is not None})
     eos = generation.eos_token_id

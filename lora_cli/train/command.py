@@ -6,13 +6,13 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from .. import checkpoints, config, models
+from .. import checkpoints, config, distributed, fsutil, models
 from ..config import TrainConfig
 from ..errors import UsageError
+from ..filenames import COMPLETE_MARKER
 from ..lock import LOCK_FILE, OutputLock
 from .adapter import attach_lora, check_quantization_available, training_only
 from .dataset import Prepared, prepare
@@ -26,7 +26,7 @@ log = logging.getLogger("lora_cli")
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """One run, holding --output_dir's lock from before anything is written (rank 0 of a launch holds it for all;
     a dry run writes nothing and takes none)."""
-    locked = not cfg.dry_run and is_main_process()
+    locked = not cfg.dry_run and distributed.is_main_process()
     with OutputLock(Path(cfg.output_dir)) if locked else contextlib.nullcontext():
         return _train(cfg)
 
@@ -73,7 +73,7 @@ def method_steps(cfg: TrainConfig) -> tuple[Any, Any, Any]:
 def dry_run(cfg: TrainConfig, prepared: Prepared, precision: str, plan_steps: Any = step_plan) -> dict[str, Any]:
     from .. import estimate
 
-    model = attach_lora(estimate.meta_model(prepared.base.path, cfg.trust_remote_code), cfg)
+    model = attach_lora(models.meta_model(prepared.base.path, cfg.trust_remote_code), cfg)
     stats = prepared.train_stats
     plan = plan_steps(cfg, model, precision, stats)
     est = estimate.estimate(model, precision=precision, quantization=quantization(cfg), optim=cfg.optim,
@@ -95,11 +95,11 @@ def dry_run(cfg: TrainConfig, prepared: Prepared, precision: str, plan_steps: An
 def find_resume_checkpoint(cfg: TrainConfig, out: Path, data_hashes: dict[str, str]) -> str:
     """The checkpoint to resume from, after checking that config and data are those of the interrupted run."""
     checkpoints.check_resume(out, config.to_dict(cfg), data_hashes, cfg.resume_force)
-    if is_main_process():  # the others only read; they skip incomplete checkpoints all the same
+    if distributed.is_main_process():  # the others only read; they skip incomplete checkpoints all the same
         checkpoints.remove_incomplete(out)
     if cfg.resume_from_checkpoint:
         chosen = Path(cfg.resume_from_checkpoint)
-        if not (chosen / checkpoints.COMPLETE).is_file():
+        if not (chosen / COMPLETE_MARKER).is_file():
             raise UsageError(f"--resume_from_checkpoint {chosen}: not a complete lora-train checkpoint")
         checkpoints.require_intact(chosen)
     else:
@@ -113,30 +113,16 @@ def check_disk_space(out: Path, model: Any, keep: int) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     per_checkpoint = trainable * 4 * 3 + (64 << 20)  # + tokenizer, RNG and trainer state
     need = per_checkpoint * ((keep or 1) + 1)  # pruning happens after the next checkpoint is complete
-    free = shutil.disk_usage(out if out.exists() else _existing_parent(out)).free
-    if free < need:
-        raise UsageError(f"--output_dir {out}: about {need / 2**30:.1f} GiB is needed for checkpoints but only "
-                         f"{free / 2**30:.1f} GiB is free; free space, choose another disk or lower "
-                         "--save_total_limit")
-
-
-def is_main_process() -> bool:
-    """True in a single process, and in the first process of a torchrun/accelerate launch."""
-    return os.environ.get("RANK", "0") == "0"
+    fsutil.check_free_space(out, need, f"--output_dir {out}: checkpoints", margin=1.0, error=UsageError,
+                            hint="; free space, choose another disk or lower --save_total_limit")
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out}: exists and is not a folder")
     # Only the first process checks: the others may start after it has created the folder.
-    if is_main_process() and out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not overwrite:
+    if distributed.is_main_process() and out.is_dir() and not overwrite and \
+            any(p.name != LOCK_FILE for p in out.iterdir()):
         raise UsageError(f"--output_dir {out}: not empty; pass --overwrite to write into it, or choose a new folder")
-    if not os.access(out if out.exists() else _existing_parent(out), os.W_OK):
+    if not os.access(fsutil.existing_ancestor(out), os.W_OK):
         raise UsageError(f"--output_dir {out}: not writable")
-
-
-def _existing_parent(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists():
-        path = path.parent
-    return path

@@ -11,14 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import checkpoints, config
+from .. import checkpoints, config, fsutil
 from ..config import TrainConfig
+from ..filenames import RUN_CONFIG, TRAIN_METRICS
 from .dataset import Prepared
 
 log = logging.getLogger("lora_cli")
-
-RUN_CONFIG = "run_config.yaml"
-METRICS_FILE = "train_metrics.json"
 
 
 def run_training(cfg: TrainConfig, trainer: Any, prepared: Prepared, out: Path, resume_from: str | None = None,
@@ -78,7 +76,7 @@ def run_training(cfg: TrainConfig, trainer: Any, prepared: Prepared, out: Path, 
     )
     checkpoints.save_final(trainer, out, main_process)  # adapter_model.safetensors, adapter_config.json, tokenizer
     if main_process:
-        (out / METRICS_FILE).write_text(json.dumps(_finite(metrics), indent=2) + "\n", encoding="utf-8")
+        fsutil.atomic_write(out / TRAIN_METRICS, json.dumps(_finite(metrics), indent=2) + "\n")
     log.info(summary_line(metrics, out))
     return metrics
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-from .. import chat, checkpoints, errors
+from .. import chat, checkpoints, distributed, errors
 from ..config import TrainConfig
 from ..errors import UsageError
+from ..filenames import CHECKPOINT_STAGING
 from .dataset import Prepared
 from .plan import StepPlan, cuda_available
 
@@ -48,7 +48,7 @@ class LoraCliTrainer:
     def _save_checkpoint(self, model, trial):
         out = Path(self.args.output_dir)
         step = self.state.global_step
-        self._staging = out / checkpoints.STAGING
+        self._staging = out / CHECKPOINT_STAGING
         then = "add --resume to the same command" if checkpoints.complete_checkpoints(out) else \
             "re-run with --overwrite"
         with errors.writing(f"saving checkpoint-{step} into {out}", then):
@@ -58,7 +58,7 @@ class LoraCliTrainer:
                 self._staging = None
             self.accelerator.wait_for_everyone()  # every process has written its part (e.g. its RNG state)
             if self.args.should_save:
-                checkpoints.finish_checkpoint(out / checkpoints.STAGING / f"checkpoint-{step}", out, step,
+                checkpoints.finish_checkpoint(out / CHECKPOINT_STAGING / f"checkpoint-{step}", out, step,
                                               self.keep_checkpoints, self.trained_tokens_total)
 
     @property
@@ -211,7 +211,7 @@ def training_arguments(cfg: TrainConfig, plan: StepPlan, precision: str, has_eva
 
 
 def check_launch(cfg: TrainConfig, args: Any) -> None:
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = distributed.world_size()
     if launched != args.world_size:  # never train N independent copies that overwrite each other's outputs
         raise UsageError(f"launched as {launched} processes but training sees {args.world_size}; check the "
                          "launcher (torchrun/accelerate) and the device settings")
