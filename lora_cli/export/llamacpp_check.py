@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import chat, llamacpp
-from .source import Source
 from ..verification import BUILTIN_PROMPTS, next_token_logits
+from .source import Source
 from .verify import TRICKY_STRINGS, probe_conversations
 
 log = logging.getLogger("lora_cli")
