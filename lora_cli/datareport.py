@@ -214,6 +214,11 @@ class Report:
 def run(cfg: DataConfig) -> Report:
     """Check, print and (with --report_dir) write the report; DataError with a one-line summary when it cannot
     train."""
+    from .preference import report as preference_report, rows as preference_rows
+
+    kind = preference_rows.file_kind(cfg.train_path)
+    if kind:  # prompt/chosen/rejected or prompt/completion/label rows: checked as lora-train --method dpo/kto reads them
+        return preference_report.run(cfg, kind)
     report = build_report(cfg)
     console = make_console(cfg.color)
     print_report(console, report)

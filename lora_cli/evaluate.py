@@ -316,6 +316,12 @@ METRICS = {"loss": False, "perplexity": False, "exact_match": True, "contains": 
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    from .preference import rows as preference_rows
+
+    if preference_rows.file_kind(cfg.eval_path) == preference_rows.PAIRED:  # prompt, chosen, rejected
+        from .preference.evaluation import evaluate_preferences
+
+        return evaluate_preferences(cfg)
     start = time.perf_counter()
     prepared = prepare(cfg)
     # (name, adapter index): the base first, with every adapter switched off, then each adapter on it.

@@ -147,3 +147,37 @@ def test_dpo_sigterm_saves_and_resumes(tiny_llama, pairs, tmp_path):
     assert (out / "checkpoint-1").is_dir() and not (out / "adapter_config.json").exists()
     assert run_cli(argv + ["--resume"]) == 0
     assert json.loads((out / "train_metrics.json").read_text())["optimizer_steps"] == 4
+
+
+def test_lora_eval_shows_preference_accuracy_rising_against_the_base(tiny_llama, pairs, tmp_path, capsys):
+    from lora_cli.cli.eval import main as eval_main
+
+    out = tmp_path / "dpo"
+    assert run_cli(train_args(tiny_llama, pairs, out) + ["--max_steps", "6", "--learning_rate", "5e-2"]) == 0
+    report_path = tmp_path / "eval" / "report.json"
+    assert run_cli(["--adapter", str(out), "--eval_path", str(pairs), "--output", str(report_path)], eval_main) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "mean margin" in printed and "vs base" in printed
+    report = json.loads(report_path.read_text())
+    base, tuned = report["models"]
+    assert report["rows"] == len(PAIRS) and base["name"] == "base"
+    assert tuned["mean_margin"] > base["mean_margin"]  # DPO raised log p(chosen) - log p(rejected) on its pairs
+    assert tuned["vs_base"]["preference_accuracy"] == tuned["preference_accuracy"] - base["preference_accuracy"]
+    per_row = [json.loads(line) for line in (tmp_path / "eval" / "preferences.jsonl").read_text().splitlines()]
+    first = per_row[0]["logp"]
+    assert first["base"]["chosen"] < 0 and set(first) == {"base", str(out)}
+    accuracy = sum(r["logp"][str(out)]["chosen"] > r["logp"][str(out)]["rejected"] for r in per_row) / len(per_row)
+    assert accuracy == tuned["preference_accuracy"]
+
+
+def test_lora_data_shows_pairs_and_names_every_bad_row(tmp_path, capsys, tiny_llama):
+    from lora_cli.cli.data import main as data_main
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:2] + [{"prompt": "Hi", "chosen": "a"}] + PAIRS[2:3]
+                       + [{"prompt": "Hi", "chosen": "a", "rejected": "a"}])
+    assert run_cli(["--train_path", str(data), "--base_model", str(tiny_llama), "--color", "never", "--show", "1"],
+                   data_main) == 2
+    captured = capsys.readouterr()
+    assert "chosen (2 tokens): [[yes<|im_end|>]]" in captured.out and "rejected (2 tokens): [[no<|im_end|>]]" in captured.out
+    assert f"{data}:3: missing 'rejected'" in captured.out and f"{data}:5: 'chosen' and 'rejected'" in captured.out
+    assert "3 of 5 rows usable, 2 with errors" in captured.err

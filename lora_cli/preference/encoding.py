@@ -37,6 +37,7 @@ class EncodedExample:
     full_length: int  # prompt + longest completion, before any length rule
     reason: str = ""  # why it was cut or dropped
     label: bool | None = None  # KTO: whether the completion is desirable
+    where: str = ""  # path:line of the row
 
     @property
     def length(self) -> int:
@@ -79,7 +80,7 @@ def encode_pair(tokenizer: Any, pair: PreferencePair) -> EncodedExample:
     # Tokens of a prompt that the two renderings do not share belong to each answer's sequence.
     answers = [chosen.prompt_ids[len(prompt):] + chosen.ids, rejected.prompt_ids[len(prompt):] + rejected.ids]
     ends = chosen.has_end_of_turn + rejected.has_end_of_turn
-    example = EncodedExample(prompt, answers, KEPT, 0)
+    example = EncodedExample(prompt, answers, KEPT, 0, where=pair.where)
     example.full_length = example.length
     example.reason = "" if ends == 2 else "missing end-of-turn"
     return example
@@ -87,7 +88,7 @@ def encode_pair(tokenizer: Any, pair: PreferencePair) -> EncodedExample:
 
 def encode_judged(tokenizer: Any, row: Judged) -> EncodedExample:
     done = completion(tokenizer, row.prompt, row.completion, row.where)
-    example = EncodedExample(done.prompt_ids, [done.ids], KEPT, 0, label=row.label)
+    example = EncodedExample(done.prompt_ids, [done.ids], KEPT, 0, label=row.label, where=row.where)
     example.full_length = example.length
     example.reason = "" if done.has_end_of_turn else "missing end-of-turn"
     return example
