@@ -400,7 +400,12 @@ def _preference_problems(cfg: TrainConfig) -> list[str]:
     errors: list[str] = []
     if cfg.adapter and not os.path.isfile(os.path.join(cfg.adapter, "adapter_config.json")):
         errors.append(f"--adapter {cfg.adapter}: not a LoRA adapter folder (no adapter_config.json)")
+    kind = _preference_kind(cfg.train_path)
     if cfg.method == "sft":
+        if kind:
+            errors.append(f"--train_path {cfg.train_path} holds preference rows ("
+                          f"{'prompt, chosen, rejected' if kind == 'paired' else 'prompt, completion, label'}): add "
+                          f"--method {'dpo or --method orpo' if kind == 'paired' else 'kto'}")
         return errors
     allowed = LOSS_TYPES.get(cfg.method, ())
     if cfg.loss_type and cfg.loss_type not in allowed:
@@ -417,6 +422,19 @@ def _preference_problems(cfg: TrainConfig) -> list[str]:
     if cfg.method == "kto" and cfg.batch_size < 2:
         errors.append("--method kto needs --batch_size >= 2 (its KL term pairs each prompt with another row's answer)")
     return errors
+
+
+def _preference_kind(path: str) -> str | None:
+    """The kind of preference rows a data file holds (None: chat rows, or unreadable: reported when it is read)."""
+    if not path or not os.path.isfile(path):
+        return None
+    from .errors import DataError
+    from .preference import rows
+
+    try:
+        return rows.file_kind(path)
+    except DataError:
+        return None
 
 
 def split_list(value: str) -> list[str]:

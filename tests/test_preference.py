@@ -95,7 +95,8 @@ def test_dpo_trains_the_adapter_against_the_base(tiny_llama, pairs, tmp_path, ca
     assert all(".ref." not in k for k in weights) and not (out / "ref").exists()  # the reference is never saved
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())  # B starts at zero
     metrics = json.loads((out / "train_metrics.json").read_text())
-    assert metrics["optimizer_steps"] == 3 and metrics["trained_tokens"] == 3 * 2 * 2 * 2  # 3 steps x 2 pairs x 2 answers x (word + end-of-turn)
+    # 3 steps x 2 pairs x 2 answers x 2 tokens (the word and the end-of-turn token)
+    assert metrics["optimizer_steps"] == 3 and metrics["trained_tokens"] == 3 * 2 * 2 * 2
     assert "method: dpo" in (out / "run_config.yaml").read_text()
 
 
@@ -178,6 +179,13 @@ def test_lora_data_shows_pairs_and_names_every_bad_row(tmp_path, capsys, tiny_ll
     assert run_cli(["--train_path", str(data), "--base_model", str(tiny_llama), "--color", "never", "--show", "1"],
                    data_main) == 2
     captured = capsys.readouterr()
-    assert "chosen (2 tokens): [[yes<|im_end|>]]" in captured.out and "rejected (2 tokens): [[no<|im_end|>]]" in captured.out
+    assert "chosen (2 tokens): [[yes<|im_end|>]]" in captured.out
+    assert "rejected (2 tokens): [[no<|im_end|>]]" in captured.out
     assert f"{data}:3: missing 'rejected'" in captured.out and f"{data}:5: 'chosen' and 'rejected'" in captured.out
     assert "3 of 5 rows usable, 2 with errors" in captured.err
+
+
+def test_preference_rows_without_method_say_which_method(pairs, tmp_path, capsys):
+    assert run_cli(["--train_path", str(pairs), "--output_dir", str(tmp_path / "out")]) == 2
+    assert "holds preference rows (prompt, chosen, rejected): add --method dpo or --method orpo" in \
+        capsys.readouterr().err

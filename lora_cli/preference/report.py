@@ -76,8 +76,8 @@ def _print_examples(console: Any, tokenizer: Any, examples: list[encoding.Encode
     for number, example in enumerate(examples, start=1):
         label = "" if example.label is None else f" · label {str(example.label).lower()}"
         console.print()
-        console.print(Text(f"── row {number} · {example.where} · prompt {len(example.prompt_ids):,} tokens{label}",
-                           style="bold"), soft_wrap=True)
+        heading = f"── row {number} · {example.where} · prompt {len(example.prompt_ids):,} tokens{label}"
+        console.print(Text(heading, style="bold"), soft_wrap=True)
         prompt = datareport._decode(tokenizer, example.prompt_ids)
         console.print(Text(prompt, style=datareport.MASKED_STYLE) if styled else Text(prompt), soft_wrap=True, end="")
         for name, answer in zip(names, example.completions):

@@ -7,6 +7,7 @@ conversational format) and each completion a string or a list holding one assist
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -47,8 +48,17 @@ def row_kind(row: Any) -> str | None:
 
 
 def file_kind(path: str) -> str | None:
-    """The kind of the file's first readable row: lets lora-eval and lora-data tell preference files from chat
-    files."""
+    """The kind of the file's first readable row: lets lora-train, lora-eval and lora-data tell preference files
+    from chat files. A JSON Lines file is read only up to its first row."""
+    if path.lower().endswith(data.JSONL_SUFFIXES):
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        return row_kind(json.loads(line))
+                    except ValueError:
+                        return None  # reported with its line when the file is read
+        return None
     for _, raw in data.scan_rows(path):
         if not isinstance(raw, DataError):
             return row_kind(raw)

@@ -64,9 +64,9 @@ def encode_dataset(cfg: TrainConfig, tokenizer: Any, rows_: list, name: str) -> 
 def step_plan(cfg: TrainConfig, model: Any, precision: str, stats: encoding.PreferenceStats) -> StepPlan:
     """--batch_size rows per padded micro-batch; each pair is two sequences, and dpo/kto add a reference forward."""
     seq_len = min(stats.longest, cfg.max_seq_length)
-    sequences = 1 if cfg.method == "kto" else 2
-    if cfg.method == "kto" and LOSS_TYPES["kto"][0] == (cfg.loss_type or "kto"):
-        sequences = 2  # the KL batch: every prompt again with another row's answer
+    # A pair is two sequences; a KTO row one, plus its KL sequence (its prompt with another row's answer) under the
+    # kto loss.
+    sequences = 2 if cfg.method != "kto" or (cfg.loss_type or "kto") == "kto" else 1
     checkpointing = decide_gradient_checkpointing(cfg, model, precision, cfg.batch_size * sequences, seq_len)
     return StepPlan(cfg.batch_size, cfg.gradient_accumulation_steps, False, seq_len, checkpointing,
                     sequences_per_row=sequences, reference_forward=cfg.method != "orpo")
