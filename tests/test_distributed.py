@@ -43,6 +43,7 @@ def test_two_process_ddp_equals_single_process(tiny_llama, four_rows, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes: effective batch 4 conversations" in proc.stderr
     assert proc.stderr.count("lora-train: done:") == 1  # only the first process reports
+    assert "another lora-train run" not in proc.stderr  # the output folder's lock is rank 0's, for the launch
     single = tmp_path / "single"
     assert run_cli(["--base_model", str(tiny_llama), "--train_path", str(four_rows), "--output_dir", str(single),
                     "--batch_size", "4", *STEPS]) == 0
