@@ -33,6 +33,7 @@ class RunFailure(LoraCliError):
 # torch's zip writer, which ignores the failed write and then finds itself at the wrong position.
 _WRITE_FAILED = re.compile(r"No space left on device|Disk quota exceeded|File too large|os error (28|27|122)\b|"
                            r"unexpected pos \d+ vs \d+|file write failed")
+_DAMAGED = re.compile(r"Error while deserializing header|PytorchStreamReader failed|invalid load key")
 _CPU_OUT_OF_MEMORY = re.compile(r"DefaultCPUAllocator: can't allocate memory|Cannot allocate memory")
 
 
@@ -65,6 +66,9 @@ def from_library(exc: BaseException) -> LoraCliError | None:
                           "and re-run")
     if _CPU_OUT_OF_MEMORY.search(text):
         return RunFailure("out of memory: lower --batch_size or --max_seq_length, or quantise the base (4-bit)")
+    if _DAMAGED.search(text) or type(exc).__name__ == "UnpicklingError":  # where no caller knew the file to name
+        return RunFailure(f"a file being loaded is damaged ({text[:200]}): copy or download it again (--debug shows "
+                          "which file)")
     return None
 
 

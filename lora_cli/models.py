@@ -223,7 +223,8 @@ def load_model(base: BaseModel, *, precision: str, load_in_4bit: bool = False, l
         raise UsageError(f"--attn_implementation {attn_implementation} or quantisation is not available: {exc}") \
             from None
     except Exception as exc:  # a damaged file surfaces as any of several library errors: name the file instead
-        damage = integrity.check_model_folder(Path(base.path)) if base.kind != "hub" else []
+        folder = cached_folder(base)
+        damage = integrity.check_model_folder(folder) if folder is not None else []
         if damage:
             raise integrity.DamagedFiles(damage, f"--base_model {base.display}",
                                          "download or copy the model again") from None
@@ -260,6 +261,18 @@ def _load_error(base: BaseModel, exc: Exception) -> UsageError:
         return UsageError(f"--base_model {base.spec}: cannot load it from the Hugging Face Hub or its local cache "
                           f"({first}); download it where the Hub is reachable and pass the folder")
     return UsageError(f"--base_model {base.spec or base.path}: cannot load it ({first})")
+
+
+def cached_folder(base: BaseModel) -> Path | None:
+    """Where the base's files are on this machine, without fetching anything: a Hub model's cached snapshot."""
+    if base.kind != "hub":
+        return Path(base.path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(base.path, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or not a Hub id): nothing on disk to check
+        return None
 
 
 def local_folder(base: BaseModel) -> Path:

@@ -143,3 +143,18 @@ def test_damaged_checkpoint_from_before_manifests_is_found_by_its_structure(tiny
     assert f"checkpoint-4 is damaged, skipping it: {optimizer}" in err
     assert f"resuming from {out / 'checkpoint-2'}" in err
     assert [p.name for p in checkpoints.complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_a_damaged_file_no_caller_could_name_is_still_one_clear_line(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.zeros(64)}, path)
+    path.write_bytes(path.read_bytes()[:4])
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - whatever safetensors raises is what users would see
+        safe_open(str(path), framework="pt")
+    known = errors.from_library(raised.value)
+    assert isinstance(known, errors.RunFailure)
+    assert str(known).startswith("a file being loaded is damaged (Error while deserializing header")
+    assert errors.from_library(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None

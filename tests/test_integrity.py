@@ -273,3 +273,28 @@ def test_a_damaged_or_incomplete_base_model_is_named(tiny_llama, data, tmp_path,
     assert run_cli(argv) == 1
     assert last_error(capsys) == (f"lora-train: error: --base_model {sharded}: {shards[1]}: missing (listed in "
                                   "model.safetensors.index.json) (download or copy the model again)")
+
+
+def test_a_damaged_file_in_the_hub_cache_is_named(tiny_llama, data, tmp_path):
+    """--base_model org/name read offline from the Hugging Face cache, one of whose files a failing disk cut short."""
+    import shutil
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    snapshot = tmp_path / "hub" / "models--someorg--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_llama, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    weights = snapshot / "model.safetensors"
+    size = weights.stat().st_size
+    os.truncate(weights, size - 1000)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    proc = subprocess.run([sys.executable, "-c", "from lora_cli.cli.train import main; main()", "--base_model",
+                           "someorg/tiny", "--train_path", str(data), "--output_dir", str(tmp_path / "run"),
+                           *TINY_TRAIN], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"lora-train: error: --base_model someorg/tiny: {weights}: truncated: {size - 1000:,} bytes, its header "
+        f"lists {size:,} (download or copy the model again)")
