@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 import warnings
 
 # (message pattern, why a user cannot act on it). Matched anywhere in a log record or warning, whichever library
@@ -34,33 +33,24 @@ _FILTER = NoiseFilter()
 
 
 def quiet() -> None:
-    """Filter the noise from Python warnings and from every library's log records (those that reach the root logger's
-    handler, and transformers', which has its own)."""
+    """Filter the noise from Python warnings and from libraries' log records: those of libraries without a handler
+    of their own (printed by logging's last resort) and, via quiet_handlers, those with one."""
     for pattern, _ in MESSAGES:
         warnings.filterwarnings("ignore", message=f".*{pattern}")
-    root = logging.getLogger()
-    if not any(isinstance(h, _LibraryHandler) for h in root.handlers):
-        root.addHandler(_LibraryHandler())
-    quiet_transformers()
+    if logging.lastResort is not None:
+        _add_filter(logging.lastResort)
+    quiet_handlers()
 
 
-def quiet_transformers() -> None:
-    """transformers logs through its own handler, which it creates on import: filter it once it exists."""
-    if "transformers" not in sys.modules:
-        return
-    for handler in logging.getLogger("transformers").handlers:
-        if _FILTER not in handler.filters:
-            handler.addFilter(_FILTER)
+def quiet_handlers() -> None:
+    """transformers, datasets and huggingface_hub print through handlers they create on import: filter every handler
+    there is (call again once those libraries are imported)."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            _add_filter(handler)
 
 
-class _LibraryHandler(logging.StreamHandler):
-    """What logging prints for libraries without a handler of their own (its last resort), minus the noise."""
-
-    def __init__(self):
-        super().__init__(sys.stderr)
-        self.setLevel(logging.WARNING)
-        self.addFilter(_FILTER)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stderr  # follow redirections (pytest's capture, for one)
-        super().emit(record)
+def _add_filter(handler: logging.Handler) -> None:
+    if _FILTER not in handler.filters:
+        handler.addFilter(_FILTER)

@@ -36,7 +36,7 @@ def quiet_libraries() -> None:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-    noise.quiet_transformers()
+    noise.quiet_handlers()
 
 
 class _Formatter(logging.Formatter):
