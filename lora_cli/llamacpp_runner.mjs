@@ -35,7 +35,7 @@ async function nextTokens(model, ids, topK) {
     // One context per sequence: nothing cached from an earlier one can leak into its logits.
     const context = await model.createContext({ contextSize: Math.max(256, ids.length + 16), sequences: 1, threads: job.threads });
     try {
-        const input = ids.map((id) => [id, { generateNext: { logits: true } }]);
+        const input = ids.map((id) => [id, { generateNext: { logits: { filter: { tokens: [], includeTop: topK } } } }]);
         const outputs = await context.getSequence().controlledEvaluate(input);
         return outputs.map((out) => ({ top: topLogits(out.next.logits, topK) }));
     } finally {

@@ -36,7 +36,8 @@ MERGE_TOLERANCES = {"fp32": {"max_abs_logit_diff": 1e-3, "mean_kl": 1e-6},
 EXPORT_TOLERANCES = {"f32": {"max_rel_logit_diff": 1e-4, "max_kl": 1e-6},
                      "f16": {"max_rel_logit_diff": 1e-2, "max_kl": 2e-3},
                      "bf16": {"max_rel_logit_diff": 5e-2, "max_kl": 2e-2},
-                     "q8_0": {"max_rel_logit_diff": 1e-1, "max_kl": 5e-2}}
+                     "q8_0": {"max_rel_logit_diff": 1e-1, "max_kl": 5e-2},
+                     "q4_0": {"max_rel_logit_diff": 3e-1, "max_kl": 3e-1}}
 
 
 def next_token_logits(model: Any, conversations: list[list[int]]) -> list[Any]:

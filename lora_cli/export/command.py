@@ -46,9 +46,9 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     parameters = sum(math.prod(t.shape) for t in plan)
     log.info("exporting %s (%s, %d layers, %.1fM parameters) to %s as %s", folder, source.config.model_type,
              source.config.num_hidden_layers, parameters / 1e6, out, cfg.outtype)
-    log.info("tokenizer: byte-level BPE, %d tokens (%d added, %d placeholders), %d merges, pre-tokenizer %s; %s; "
-             "add BOS %s; chat template %s", len(vocab.tokens), vocab.added, vocab.padded, len(vocab.merges),
-             vocab.pre, ", ".join(f"{k} {vocab.tokens[v]}" for k, v in vocab.special.items()),
+    log.info("tokenizer: %s, %d tokens (%d added, %d placeholders), %d merges, pre-tokenizer %s; %s; "
+             "add BOS %s; chat template %s", vocab.kind, len(vocab.tokens), vocab.added, vocab.padded,
+             len(vocab.merges), vocab.pre, ", ".join(f"{k} {vocab.tokens[v]}" for k, v in vocab.special.items()),
              "on" if vocab.add_bos else "off", "kept" if vocab.chat_template else "none (llama.cpp will guess)")
     report: dict[str, Any] = {"model_dir": str(folder), "out": str(out), "outtype": cfg.outtype,
                               "architecture": source.arch.gguf, "tensors": len(plan), "parameters": parameters}
@@ -101,6 +101,6 @@ def _verify(cfg: ExportConfig, source: Source, path: Path, tokenizer: Any, vocab
         result = verify(source, path, tokenizer, vocab, cfg.outtype)
         log_verification(result, cfg.outtype)
         return result
-    result = verify_in_llamacpp(runtime, source, path, tokenizer, cfg.outtype)
+    result = verify_in_llamacpp(runtime, source, path, tokenizer, vocab, cfg.outtype)
     log_llamacpp_verification(result, cfg.outtype)
     return result

@@ -12,7 +12,7 @@ from ..filenames import ADAPTER_CONFIG, MODEL_CONFIG, SAFETENSORS_INDEX, SAFETEN
 from ..safetensors_io import has_safetensors
 from .source import ARCHS, SUPPORTED
 
-OUTTYPES = ("f16", "bf16", "q8_0", "f32")
+OUTTYPES = ("f16", "bf16", "q8_0", "q4_0", "f32")
 
 
 
@@ -31,8 +31,9 @@ class ExportConfig:
     out: str = opt("", "GGUF file to write (.gguf); it must not exist unless --overwrite.", group="io",
                    metavar="OUT", positional=True)
     overwrite: bool = opt(False, "Replace an existing OUT (and Modelfile), once the new one is complete.", group="io")
-    outtype: str = opt("f16", "Weight type of the 2-D tensors: f16, bf16, q8_0 (8-bit, about half the size of f16) "
-                              "or f32; norms always stay f32.", group="export", choices=OUTTYPES)
+    outtype: str = opt("f16", "Weight type of the 2-D tensors: f16, bf16, q8_0 (8-bit, about half the size of f16), "
+                              "q4_0 (4-bit, about a quarter) or f32; norms always stay f32.", group="export",
+                       choices=OUTTYPES)
     ollama: bool = opt(False, "Also write an Ollama Modelfile next to OUT (OUT without .gguf, plus .Modelfile): "
                               "FROM, the chat template as a Go TEMPLATE, the default system prompt and the stop "
                               "tokens.", group="export")

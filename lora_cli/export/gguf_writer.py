@@ -14,7 +14,8 @@ def file_type(outtype: str) -> int:
     import gguf
 
     return int({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
+                "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[outtype])
 
 
 def add_metadata(writer: Any, source: Source, vocab: Vocab, outtype: str, name: str) -> None:
@@ -25,7 +26,7 @@ def add_metadata(writer: Any, source: Source, vocab: Vocab, outtype: str, name: 
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     writer.add_file_type(file_type(outtype))
-    if outtype == "q8_0":
+    if outtype in ("q8_0", "q4_0"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
@@ -44,18 +45,21 @@ def add_metadata(writer: Any, source: Source, vocab: Vocab, outtype: str, name: 
 
 
 def add_tokenizer_metadata(writer: Any, vocab: Vocab) -> None:
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.types)
-    writer.add_token_merges(vocab.merges)
+    if vocab.merges:
+        writer.add_token_merges(vocab.merges)
     adders = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id, "unk": writer.add_unk_token_id,
               "pad": writer.add_pad_token_id, "eot": writer.add_eot_token_id}
     for key, token_id in vocab.special.items():
         adders[key](token_id)
     writer.add_add_bos_token(vocab.add_bos)
     writer.add_add_eos_token(vocab.add_eos)
-    writer.add_add_space_prefix(False)
+    writer.add_add_space_prefix(vocab.add_space_prefix)
     if vocab.chat_template:
         writer.add_chat_template(vocab.chat_template)
 

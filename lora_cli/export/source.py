@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,11 @@ class Arch:
     display: str
 
 
-ARCHS = {"llama": Arch("llama", True, "Llama (incl. SmolLM)"), "mistral": Arch("llama", True, "Mistral"),
-         "qwen2": Arch("qwen2", False, "Qwen2")}
+ARCHS = {"llama": Arch("llama", True, "Llama 2/3.x (incl. SmolLM)"), "mistral": Arch("llama", True, "Mistral"),
+         "qwen2": Arch("qwen2", False, "Qwen2/2.5"), "qwen3": Arch("qwen3", False, "Qwen3")}
+# RoPE variants llama.cpp reproduces from what lora-export writes: plain, and Llama 3.1's frequency-dependent
+# scaling (written as a rope_freqs tensor of per-frequency divisors, as llama.cpp's converter does).
+ROPE_TYPES = ("default", "llama3")
 SUPPORTED = ", ".join(f"{a.display} [{name}]" for name, a in ARCHS.items())
 
 
@@ -41,12 +45,33 @@ class Source:
         c = self.config
         return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
-    def rope(self) -> tuple[float, str]:
-        """(rope theta, rope type), from transformers 5's rope_parameters or the older rope_theta/rope_scaling."""
+    def rope_parameters(self) -> dict:
+        """transformers 5's rope_parameters, or the older rope_scaling (rope_theta beside it)."""
         c = self.config
-        params = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
-        theta = params.get("rope_theta", getattr(c, "rope_theta", None)) or 10000.0
+        return getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+
+    def rope(self) -> tuple[float, str]:
+        """(rope theta, rope type)."""
+        params = self.rope_parameters()
+        theta = params.get("rope_theta", getattr(self.config, "rope_theta", None)) or 10000.0
         return float(theta), params.get("rope_type") or params.get("type") or "default"
+
+    def rope_freq_divisors(self) -> Any:
+        """Llama 3.1's RoPE scaling as llama.cpp applies it: each rotary frequency is divided by its factor, 1 for
+        wavelengths shorter than the original context / high_freq_factor, `factor` for those longer than it /
+        low_freq_factor, and a smooth blend between (Meta's published formula, as transformers computes it)."""
+        import numpy as np
+
+        p, (theta, _) = self.rope_parameters(), self.rope()
+        factor, low, high = p["factor"], p.get("low_freq_factor", 1.0), p.get("high_freq_factor", 4.0)
+        original = p.get("original_max_position_embeddings", 8192)
+        freqs = 1.0 / theta ** (np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim)
+        wavelen = 2 * math.pi / freqs
+        smooth = (original / wavelen - low) / (high - low)
+        divisors = 1.0 / ((1 - smooth) / factor + smooth)
+        divisors = np.where(wavelen < original / high, 1.0, divisors)
+        divisors = np.where(wavelen > original / low, factor, divisors)
+        return divisors.astype(np.float32)
 
 
 def open_source(folder: Path) -> Source:
@@ -59,9 +84,9 @@ def open_source(folder: Path) -> Source:
     integrity.require_intact(folder, f"MODEL_DIR {folder}", "merge or copy the model again", names=names)
     source = Source(folder, config, ARCHS[config.model_type], SafetensorsFolder.open(folder, "MODEL_DIR"))
     rope_type = source.rope()[1]
-    if rope_type != "default":
-        raise UsageError(f"MODEL_DIR {folder}: rope scaling {rope_type!r} is not supported by lora-export yet (only "
-                         "plain RoPE)")
+    if rope_type not in ROPE_TYPES:
+        raise UsageError(f"MODEL_DIR {folder}: rope scaling {rope_type!r} is not supported by lora-export yet (plain "
+                         "RoPE and Llama 3.1's 'llama3' scaling are)")
     window = getattr(config, "sliding_window", None)
     if window and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
         log.warning("the model attends over a sliding window of %d tokens, which llama.cpp's %s graph does not: "

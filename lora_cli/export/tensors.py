@@ -17,6 +17,7 @@ class PlannedTensor:
     source: str  # HF name, e.g. model.layers.0.self_attn.q_proj.weight
     shape: tuple[int, ...]  # HF (row-major) shape; GGUF lists dimensions the other way round, the writer flips them
     qtype: Any  # gguf.GGMLQuantizationType
+    computed: bool = False  # made from the config (rope_freqs), not read from the checkpoint
 
     @property
     def nbytes(self) -> int:
@@ -37,7 +38,8 @@ def plan_tensors(source: Source, outtype: str) -> list[PlannedTensor]:
     if not tied and "lm_head.weight" not in source.weights.shapes:
         raise UsageError(f"MODEL_DIR {source.folder}: untied embeddings but no lm_head.weight in the checkpoint")
     wanted = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
-              "q8_0": gguf.GGMLQuantizationType.Q8_0, "f32": gguf.GGMLQuantizationType.F32}[outtype]
+              "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
+              "f32": gguf.GGMLQuantizationType.F32}[outtype]
     plan = []
     for hf_name, shape in source.weights.shapes.items():
         if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
@@ -50,10 +52,19 @@ def plan_tensors(source: Source, outtype: str) -> list[PlannedTensor]:
         qtype = wanted
         if len(shape) < 2:
             qtype = gguf.GGMLQuantizationType.F32  # norms and biases: tiny, and llama.cpp computes them in f32
-        elif qtype == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        elif qtype == gguf.GGMLQuantizationType.Q4_0 and mapped in ("token_embd", "output") and \
+                (mapped == "output" or tied):
+            qtype = gguf.GGMLQuantizationType.Q8_0  # the output matrix stays 8-bit, as llama-quantize keeps it
+        if qtype.name in _QUANTISED and shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
             qtype = gguf.GGMLQuantizationType.F16  # rows must split into whole 32-value blocks
         plan.append(PlannedTensor(f"{mapped}.{suffix}", hf_name, shape, qtype))
+    if source.rope()[1] == "llama3":
+        plan.append(PlannedTensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", "rope_freqs",
+                                  (source.head_dim // 2,), gguf.GGMLQuantizationType.F32, computed=True))
     return sorted(plan, key=_gguf_order)
+
+
+_QUANTISED = {"Q8_0", "Q4_0"}
 
 
 def _gguf_order(t: PlannedTensor) -> tuple:
@@ -71,6 +82,8 @@ class TensorReader:
     def read(self, t: PlannedTensor) -> Any:
         import torch
 
+        if t.computed:
+            return self.source.rope_freq_divisors()
         tensor = self.source.weights.read(t.source).to(torch.float32)
         if self.source.arch.permute_qk and re.search(r"\.attn_[qk]\.(weight|bias)$", t.name):
             c = self.source.config

