@@ -603,7 +603,8 @@ def plot_lengths(report: Report, path: Path) -> None:
     ax.set_title(f"Token length per conversation: {Path(cfg.train_path).name} ({len(lengths):,} rows)")
     ax.set_xlabel("tokens per conversation (chat template applied)" + (", log scale" if log_scale else ""))
     ax.set_ylabel("conversations")
-    ax.legend(loc="best", frameon=True, framealpha=0.9, edgecolor="none")
+    if ax.get_legend_handles_labels()[0]:  # no rows, no labelled artists: matplotlib would warn on stderr
+        ax.legend(loc="best", frameon=True, framealpha=0.9, edgecolor="none")
     fig.savefig(path)
 
 
@@ -629,7 +630,8 @@ def plot_fractions(report: Report, path: Path) -> None:
     ax.set_title(f"Trained tokens per conversation ({what}): {Path(report.cfg.train_path).name}")
     ax.set_xlabel("tokens in the loss, as a share of the row's tokens")
     ax.set_ylabel("conversations")
-    ax.legend(loc="best", frameon=True, framealpha=0.9, edgecolor="none")
+    if ax.get_legend_handles_labels()[0]:  # no rows, no labelled artists: matplotlib would warn on stderr
+        ax.legend(loc="best", frameon=True, framealpha=0.9, edgecolor="none")
     fig.savefig(path)
 
 
