@@ -10,10 +10,13 @@ Runs (each in its own process, so peak memory is its own):
                     tokens, TRL's default gradient checkpointing: the widely copied recipe (kept here only)
   lora-train        lora-train's defaults (effective batch 1 x 4, the same examples per optimizer step)
   lora-train-fast   lora-train with its fastest settings (no LoRA dropout, plain AdamW; same batches and schedule)
+  trl-sft           what `trl sft` does with its own defaults (SFTConfig's: conversational rows, gradient
+                    checkpointing, no packing, loss on all tokens) and the same LoRA, batches and schedule
 Every run sees the same examples; the first optimizer step is warm-up and not timed. Reported per run: non-pad
 tokens/s (all tokens the model processed), loss tokens/s (tokens in the loss), optimizer steps/s, wall time, peak
 memory (process RSS on CPU, torch.cuda.max_memory_allocated on GPU), the held-out loss on assistant tokens (the task;
-computed the same way for every run), and the ratios to the baseline. Results also go to --out (JSON).
+computed the same way for every run), its model FLOP/s as a share of this machine's matrix-multiply ceiling (measured
+in the same run: fp32 on CPU, bf16 on CUDA), and the ratios to the baseline. Results also go to --out (JSON).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-RUNS = ("baseline", "lora-train", "lora-train-fast")
+RUNS = ("baseline", "trl-sft", "lora-train", "lora-train-fast")
 H100_BF16_DENSE_FLOPS = 989e12
 
 
@@ -58,6 +61,8 @@ def main() -> None:
         print("BENCH_RESULT " + json.dumps(run_worker(args)), flush=True)
         return
     results = {}
+    ceiling = matmul_ceiling()
+    print(f"bench: matrix-multiply ceiling {ceiling / 1e9:,.1f} GFLOP/s", file=sys.stderr, flush=True)
     for name in args.runs.split(","):
         argv = [sys.executable, __file__, "--worker", name] + [
             f"--{k}={v}" for k, v in vars(args).items() if k not in ("worker", "runs", "out", "load_in_4bit")]
@@ -69,16 +74,17 @@ def main() -> None:
         if proc.returncode != 0 or line is None:
             sys.exit(f"bench: {name} failed:\n{proc.stderr[-3000:]}")
         results[name] = json.loads(line[len("BENCH_RESULT "):])
-    report(results, args)
+        results[name]["ceiling_share"] = results[name]["model_flops_per_s"] / ceiling
+    report(results, args, ceiling)
 
 
-def report(results: dict, args: argparse.Namespace) -> None:
+def report(results: dict, args: argparse.Namespace, ceiling: float) -> None:
     base = results.get("baseline")
-    cols = ("non-pad tok/s", "loss tok/s", "steps/s", "wall s", "peak GiB", "eval loss")
+    cols = ("non-pad tok/s", "loss tok/s", "steps/s", "wall s", "peak GiB", "eval loss", "of ceiling")
     print(f"\n{'run':<16}" + "".join(f"{c:>15}" for c in cols))
     for name, r in results.items():
         row = (r["tokens_per_s"], r["loss_tokens_per_s"], r["steps_per_s"], r["wall_s"], r["peak_bytes"] / 2**30,
-               r["eval_loss"])
+               r["eval_loss"], r["ceiling_share"])
         print(f"{name:<16}" + "".join(f"{v:>15.3f}" for v in row))
     if base:
         print(f"\n{'vs baseline':<16}" + "".join(f"{c:>15}" for c in cols[:5]))
@@ -88,10 +94,34 @@ def report(results: dict, args: argparse.Namespace) -> None:
                       r["peak_bytes"] / base["peak_bytes"])
             print(f"{name:<16}" + "".join(f"{v:>14.2f}x" for v in ratios))
     device = results[next(iter(results))]["device"]
-    print(f"\ndevice: {device}; {args.examples} training conversations per run, eval on {args.eval_rows} held-out")
+    print(f"\ndevice: {device}; {args.examples} training conversations per run, eval on {args.eval_rows} held-out; "
+          f"matrix-multiply ceiling {ceiling / 1e9:,.1f} GFLOP/s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "worker"},
-                                          "date": time.strftime("%Y-%m-%d"), "results": results}, indent=2) + "\n")
+                                          "date": time.strftime("%Y-%m-%d"), "matmul_ceiling_flops": ceiling,
+                                          "results": results}, indent=2) + "\n")
+
+
+def matmul_ceiling(seconds: float = 3.0) -> float:
+    """FLOP/s of large square matrix multiplies on this machine, in the dtype training computes in here (fp32 on CPU,
+    bf16 on CUDA), with the same threads the runs get: the most any run's model FLOP/s could reach."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    n = 8192 if cuda else 2048
+    dtype = torch.bfloat16 if cuda else torch.float32
+    a, b = (torch.randn(n, n, dtype=dtype, device="cuda" if cuda else "cpu") for _ in range(2))
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if cuda:
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    return best
     print(f"results written to {args.out}")
 
 
@@ -108,6 +138,8 @@ def run_worker(args: argparse.Namespace) -> dict:
     set_seed(0)
     if args.worker == "baseline":
         trainer, tokenizer = baseline_trainer(args)
+    elif args.worker == "trl-sft":
+        trainer, tokenizer = trl_sft_trainer(args)
     else:
         trainer, tokenizer = lora_train_trainer(args, fast=args.worker == "lora-train-fast")
     meter = attach_meter(trainer)
@@ -123,8 +155,9 @@ def run_worker(args: argparse.Namespace) -> dict:
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "eval_loss": task_eval_loss(trainer.model, tokenizer, args),
     }
+    result["model_flops_per_s"] = result["tokens_per_s"] * flops_per_token(trainer.model, mean_length(meter))
     if cuda:
-        result["mfu"] = mfu(trainer.model, result["tokens_per_s"])
+        result["mfu"] = result["model_flops_per_s"] / H100_BF16_DENSE_FLOPS
     return result
 
 
@@ -135,8 +168,17 @@ class Meter:
         self.step_times: list[float] = []
         self.step_tokens: list[tuple[int, int]] = []
         self._tokens = [0, 0]
+        self.sequences = 0
+        self.sequence_tokens = 0
 
     def micro_step(self, inputs) -> None:
+        position_ids = inputs.get("position_ids")
+        if position_ids is not None:  # padding-free rows: one sequence starts at each position 0
+            self.sequences += int((position_ids == 0).sum())
+        else:
+            self.sequences += int(inputs["labels"].shape[0])
+        mask = inputs.get("attention_mask")
+        self.sequence_tokens += int(mask.sum()) if mask is not None else int(inputs["labels"].numel())
         labels = inputs["labels"]
         mask = inputs.get("attention_mask")
         self._tokens[0] += int(mask.sum()) if mask is not None else int(labels.numel())
@@ -182,6 +224,10 @@ def attach_meter(trainer) -> Meter:
     return meter
 
 
+def mean_length(meter: Meter) -> float:
+    return meter.sequence_tokens / max(meter.sequences, 1)
+
+
 def baseline_trainer(args):
     """The tutorial recipe, minimal and faithful: rendered text, no masking, batch 1, paged AdamW."""
     import torch
@@ -215,9 +261,41 @@ def baseline_trainer(args):
     return trainer, tokenizer
 
 
+def trl_sft_trainer(args):
+    """`trl sft --use_peft` as its script builds it: conversational rows, SFTConfig's own defaults (gradient
+    checkpointing, no packing, loss on every token), the same LoRA, conversations per step and schedule as the rest."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from lora_cli import data, models
+
+    base = models.resolve(args.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    rows = data.load_conversations(args.train_path)[: args.examples]
+    cuda = torch.cuda.is_available()
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                               bnb_4bit_use_double_quant=True) if args.load_in_4bit else None
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.bfloat16 if cuda else torch.float32,
+                                                 quantization_config=quant,
+                                                 device_map={"": 0 if cuda else "cpu"} if quant else None)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
+                      target_modules="all-linear")
+    config = SFTConfig(output_dir=str(ROOT / "runs/bench-trl-sft"), per_device_train_batch_size=4,
+                       gradient_accumulation_steps=1, max_steps=args.examples // 4, learning_rate=1e-4,
+                       lr_scheduler_type="cosine", warmup_steps=0.03, max_length=args.max_seq_length,
+                       bf16=cuda, use_cpu=not cuda, logging_steps=1000, save_strategy="no", report_to=[], seed=42)
+    dataset = Dataset.from_list([{"messages": r.messages} for r in rows])
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=lora)
+    return trainer, tokenizer
+
+
 def lora_train_trainer(args, fast: bool):
     from lora_cli import config, models
-    from lora_cli.train import attach_lora, build_trainer, prepare
+    from lora_cli.train import attach_lora, build_trainer, prepare, step_plan, training_only
 
     subset = ROOT / "runs" / f"bench-{os.getpid()}.jsonl"
     subset.parent.mkdir(parents=True, exist_ok=True)
@@ -233,9 +311,13 @@ def lora_train_trainer(args, fast: bool):
     cfg = config.parse_args(flags + shlex.split(args.flags))
     prepared = prepare(cfg)
     precision = models.choose_precision(cfg.precision)
-    model = attach_lora(models.load_model(prepared.base, precision=precision, load_in_4bit=cfg.load_in_4bit), cfg)
+    model = attach_lora(models.load_model(prepared.base, precision=precision, load_in_4bit=cfg.load_in_4bit,
+                                          attn_implementation=cfg.attn_implementation), cfg)
     subset.unlink()
-    return build_trainer(cfg, model, prepared, precision), prepared.tokenizer
+    plan = step_plan(cfg, model, precision, prepared.train_stats)
+    # lora-train holds this for the whole run; the worker process ends with the run, so nothing needs undoing
+    training_only(model, plan, precision, cfg.use_dora).__enter__()
+    return build_trainer(cfg, model, prepared, plan, precision), prepared.tokenizer
 
 
 def task_eval_loss(model, tokenizer, args) -> float:
@@ -261,16 +343,15 @@ def task_eval_loss(model, tokenizer, args) -> float:
     return total / count
 
 
-def mfu(model, tokens_per_s: float) -> float:
-    """Model FLOPs utilisation against an H100's dense bf16 peak. FLOPs per token with a frozen base: forward 2N plus
-    backward 2N (activation gradients only; no weight gradients for frozen weights), plus 6 per trainable LoRA
-    parameter, plus attention 12 * layers * hidden * seq / 2 (causal)."""
+def flops_per_token(model, seq_len: float) -> float:
+    """Model FLOPs per token with a frozen base: forward 2N plus backward 2N (activation gradients only; no weight
+    gradients for frozen weights), plus 6 per trainable LoRA parameter, plus causal attention
+    12 * layers * hidden * seq / 2 at the runs' mean sequence length. Recomputation (checkpointing) is not counted."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     cfg = model.config
-    attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * 2048 / 2
-    flops_per_token = 4 * (total - trainable) + 6 * trainable + attention
-    return tokens_per_s * flops_per_token / H100_BF16_DENSE_FLOPS
+    attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len / 2
+    return 4 * (total - trainable) + 6 * trainable + attention
 
 
 if __name__ == "__main__":
