@@ -18,6 +18,8 @@ MESSAGES = (
      "TRL: lora-train chose that micro-batch itself, to fit --tokens_per_batch"),
     (r"`is_gradient_checkpointing` is deprecated",
      "transformers' own Trainer calls the property it deprecated"),
+    (r"Failed to read schema from '",
+     "datasets, on a damaged Parquet file: lora_cli's own error line names the file and what is wrong"),
     (r"Paged optimizers are not supported on CPU",
      "bitsandbytes: the default --optim pages optimizer state out of GPU memory; on a CPU it is there already"),
 )

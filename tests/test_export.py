@@ -360,7 +360,7 @@ def test_bad_inputs_exit_2(tiny_llama, tmp_path, capsys):
         ([str(tiny_llama), str(existing)], "already exists; pass --overwrite"),
         ([str(tiny_llama), str(tmp_path / "out.bin")], "must end in .gguf"),
         ([str(tiny_llama)], "OUT is required"),
-        ([str(tiny_llama), out, "--outtype", "q4_0"], "--outtype: 'q4_0' is not one of"),
+        ([str(tiny_llama), out, "--outtype", "q3_x"], "--outtype: 'q3_x' is not one of"),
     ]
     for argv, message in cases:
         assert _main(argv) == 2, argv

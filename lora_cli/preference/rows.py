@@ -56,7 +56,7 @@ def file_kind(path: str) -> str | None:
                 if line.strip():
                     try:
                         return row_kind(json.loads(line))
-                    except ValueError:
+                    except (ValueError, RecursionError):
                         return None  # reported with its line when the file is read
         return None
     for _, raw in data.scan_rows(path):
