@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from lora_cli import chat, config, evaluate, models
 from lora_cli.cli.eval import main as eval_main
-from lora_cli.evaluate import EvalConfig, contains_match, exact_match, rouge_l
+from lora_cli.evaluate import EvalConfig, contains_match, exact_match, rouge_l, scoring
 from lora_cli.adapters import read_adapter
 from lora_cli.errors import UsageError
 
@@ -332,7 +332,7 @@ def test_generation_stops_at_the_templates_end_of_turn(tokenizer, llama3_tokeniz
     inst = copy.deepcopy(tokenizer)
     inst.chat_template = INST_TEMPLATE
     assert chat.end_of_turn_ids(inst) == [inst.eos_token_id]
-    assert evaluate._until_stop([5, 6, eot, 7, 0], [eot]) == [5, 6, eot]
+    assert scoring._until_stop([5, 6, eot, 7, 0], [eot]) == [5, 6, eot]
 
 
 def test_match_metrics_normalise_case_and_whitespace():

@@ -176,9 +176,12 @@ def test_lora_data_shows_pairs_and_names_every_bad_row(tmp_path, capsys, tiny_ll
 
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:2] + [{"prompt": "Hi", "chosen": "a"}] + PAIRS[2:3]
                        + [{"prompt": "Hi", "chosen": "a", "rejected": "a"}])
-    assert run_cli(["--train_path", str(data), "--base_model", str(tiny_llama), "--color", "never", "--show", "1"],
-                   data_main) == 2
+    assert run_cli(["--train_path", str(data), "--base_model", str(tiny_llama), "--color", "never", "--show", "1",
+                    "--report_dir", str(tmp_path / "report")], data_main) == 2
     captured = capsys.readouterr()
+    saved = json.loads((tmp_path / "report" / "data_report.json").read_text())
+    assert (saved["rows_read"], saved["usable"], saved["can_train"]) == (5, 3, False)
+    assert [p.split(": ")[0] for p in saved["problems"]] == [f"{data}:3", f"{data}:5"]
     assert "chosen (2 tokens): [[yes<|im_end|>]]" in captured.out
     assert "rejected (2 tokens): [[no<|im_end|>]]" in captured.out
     assert f"{data}:3: missing 'rejected'" in captured.out and f"{data}:5: 'chosen' and 'rejected'" in captured.out

@@ -312,7 +312,8 @@ def test_template_kwargs_and_tools_reach_every_rendering():
     from lora_cli import chat, datacache
     from lora_cli.adapters import Adapter
     from lora_cli.data import Conversation
-    from lora_cli.evaluate import EvalConfig, _template_kwargs
+    from lora_cli.evaluate import EvalConfig
+    from lora_cli.evaluate.inputs import template_kwargs as _template_kwargs
     from lora_cli.export.ollama import chat_shape
 
     tok = copy.copy(real_tokenizer("qwen3"))

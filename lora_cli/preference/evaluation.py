@@ -43,7 +43,7 @@ def prepare(cfg: evaluate.EvalConfig) -> Prepared:
     pairs = rows.load(cfg.eval_path, rows.PAIRED)
     rows_read = len(pairs)
     pairs = pairs[:cfg.limit] if cfg.limit else pairs
-    evaluate._check_output(Path(cfg.output))
+    evaluate.check_output(Path(cfg.output))
     base = models.resolve(spec)
     tokenizer = evaluate.load_tokenizer(cfg, base, adapters)
     examples, stats = encoding.encode_examples(tokenizer, pairs, max_length=cfg.max_seq_length, max_prompt_length=0,
@@ -61,7 +61,7 @@ def evaluate_preferences(cfg: evaluate.EvalConfig) -> dict[str, Any]:
     model = evaluate.load_models(cfg, prepared, precision)
     scores = []
     for name, index in runs:
-        with evaluate._active(model, index):
+        with evaluate.active(model, index):
             chosen, rejected = answer_logps(model, prepared, cfg.batch_size)
         scores.append(summarise(name, chosen, rejected))
         log.info("%s: preference accuracy %.1f%%, mean margin %+.3f", name, 100 * scores[-1]["preference_accuracy"],
@@ -84,9 +84,9 @@ def answer_logps(model: Any, prepared: Prepared, batch_size: int) -> tuple[list[
     device = next(model.parameters()).device
     pad = prepared.tokenizer.pad_token_id if prepared.tokenizer.pad_token_id is not None else 0
     totals = [0.0] * len(sequences)
-    for batch in evaluate._batches([len(s) for s in sequences], batch_size):
-        ids, mask = evaluate._pad([sequences[i] for i in batch], pad)
-        target, _ = evaluate._pad([labels[i] for i in batch], -100)
+    for batch in evaluate.batches([len(s) for s in sequences], batch_size):
+        ids, mask = evaluate.pad([sequences[i] for i in batch], pad)
+        target, _ = evaluate.pad([labels[i] for i in batch], -100)
         with torch.inference_mode():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
         target = target[:, 1:].to(logits.device)  # the logits at position t predict token t + 1

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .. import chat, datareport, models
+from .. import chat, datareport, fsutil, models
 from ..errors import DataError
+from ..filenames import DATA_REPORT
 from . import encoding, rows
 
 
@@ -26,8 +27,8 @@ def run(cfg: Any, kind: str) -> dict[str, Any]:
     tokenizer = models.load_tokenizer(base, cfg.trust_remote_code)
     chat.resolve_chat_template(tokenizer, cfg.chat_template)
     what = "preference pairs (dpo, orpo)" if kind == rows.PAIRED else "judged answers (kto)"
-    datareport._heading(console, f"lora-data: {cfg.train_path}: {what}")
-    datareport._lines(console, [("model", base.display), ("chat template", cfg.chat_template or "the model's own"),
+    datareport.heading(console, f"lora-data: {cfg.train_path}: {what}")
+    datareport.lines(console, [("model", base.display), ("chat template", cfg.chat_template or "the model's own"),
                                 ("max length", f"{cfg.max_seq_length:,} tokens (longer rows: {cfg.truncation})"),
                                 ("scored", "each answer's assistant turn and its end-of-turn token")])
     examples, stats = [], encoding.PreferenceStats()
@@ -39,22 +40,22 @@ def run(cfg: Any, kind: str) -> dict[str, Any]:
         except DataError as exc:
             problems.append(str(exc))
     _print_examples(console, tokenizer, examples[:cfg.show])
-    datareport._heading(console, "Statistics")
-    datareport._lines(console, [("rows read", f"{read:,}"), ("usable", f"{stats.kept:,}"),
+    datareport.heading(console, "Statistics")
+    datareport.lines(console, [("rows read", f"{read:,}"), ("usable", f"{stats.kept:,}"),
                                 ("bad rows", f"{len(problems):,}"),
                                 ("cut / dropped by length", f"{stats.truncated:,} / {stats.dropped_too_long:,}"),
                                 ("tokens (answers scored)", f"{stats.tokens:,} ({stats.trained_tokens:,})"),
                                 ("longest prompt + answer", f"{stats.longest:,} tokens")])
     if problems:
-        datareport._heading(console, f"Problems ({len(problems)})")
+        datareport.heading(console, f"Problems ({len(problems)})")
         for problem in problems[:datareport.MAX_ERRORS_SHOWN]:
             console.print(f"  error: {problem}", soft_wrap=True, markup=False)
     summary = {"train_path": cfg.train_path, "kind": kind, "rows_read": read, "usable": stats.kept,
                "can_train": not problems and stats.kept > 0, "problems": problems, "encode_stats": stats.as_dict()}
     if cfg.report_dir:
         Path(cfg.report_dir).mkdir(parents=True, exist_ok=True)
-        path = Path(cfg.report_dir) / datareport.REPORT_JSON
-        path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        path = Path(cfg.report_dir) / DATA_REPORT
+        fsutil.atomic_write(path, json.dumps(summary, indent=2) + "\n")
         console.print(f"\nreport written: {path}", soft_wrap=True, markup=False)
     line = f"{stats.kept:,} of {read:,} rows usable, {len(problems):,} with errors"
     if not summary["can_train"]:
@@ -68,7 +69,7 @@ def _print_examples(console: Any, tokenizer: Any, examples: list[encoding.Encode
 
     if not examples:
         return
-    datareport._heading(console, f"Rows as the trainer sees them ({len(examples)} shown)")
+    datareport.heading(console, f"Rows as the trainer sees them ({len(examples)} shown)")
     styled = datareport.styled(console)
     console.print("  legend: " + ("bold green: scored answer tokens; dim: the prompt, read once" if styled else
                                   "[[text]] is scored; the prompt outside [[ ]] is read, not scored"), markup=False)
@@ -78,10 +79,10 @@ def _print_examples(console: Any, tokenizer: Any, examples: list[encoding.Encode
         console.print()
         heading = f"── row {number} · {example.where} · prompt {len(example.prompt_ids):,} tokens{label}"
         console.print(Text(heading, style="bold"), soft_wrap=True)
-        prompt = datareport._decode(tokenizer, example.prompt_ids)
+        prompt = datareport.decode(tokenizer, example.prompt_ids)
         console.print(Text(prompt, style=datareport.MASKED_STYLE) if styled else Text(prompt), soft_wrap=True, end="")
         for name, answer in zip(names, example.completions):
-            text = datareport._decode(tokenizer, answer)
+            text = datareport.decode(tokenizer, answer)
             console.print(Text(f"  {name} ({len(answer)} tokens): ", style="bold"), end="", soft_wrap=True)
             console.print(Text(text, style=datareport.TRAINED_STYLE) if styled else
                           Text(datareport.bracket(text, True)), soft_wrap=True)
