@@ -195,7 +195,6 @@ def load_tokenizer(base: BaseModel, trust_remote_code: bool = False) -> Any:
 
 def load_model(base: BaseModel, *, precision: str, load_in_4bit: bool = False, load_in_8bit: bool = False,
                trust_remote_code: bool = False, attn_implementation: str = "sdpa") -> Any:
-    import torch
     from transformers import AutoModelForCausalLM
 
     dtype = torch_dtype(precision)

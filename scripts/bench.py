@@ -122,7 +122,6 @@ def matmul_ceiling(seconds: float = 3.0) -> float:
             torch.cuda.synchronize()
         best = max(best, 2 * n**3 / (time.perf_counter() - start))
     return best
-    print(f"results written to {args.out}")
 
 
 # ---------------------------------------------------------------- worker side: one run in this process

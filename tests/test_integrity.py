@@ -251,7 +251,6 @@ def test_damaged_adapter_and_model_files_end_in_one_line_in_every_command(tiny_l
 def test_a_damaged_or_incomplete_base_model_is_named(tiny_llama, data, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from lora_cli.cli.merge import main as merge_main
 
     sharded = tmp_path / "sharded"
     AutoModelForCausalLM.from_pretrained(tiny_llama).save_pretrained(sharded, max_shard_size="2MB")

@@ -11,7 +11,7 @@ import pytest
 
 from lora_cli.lock import LOCK_FILE, FolderBusy, OutputLock
 
-from .conftest import ROOT, TINY_TRAIN, run_cli, write_jsonl
+from .conftest import ROOT, TINY_TRAIN, run_cli
 
 HOLD = """
 import sys, time

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 
 from lora_cli.chat import IGNORE_INDEX, chatml_template, encode, resolve_chat_template
-from lora_cli.errors import DataError
 
 from .conftest import CHAT, INST_TEMPLATE
 

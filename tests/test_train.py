@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from lora_cli import attention, config, models
-from lora_cli.chat import IGNORE_INDEX, encode
+from lora_cli.chat import encode
 from lora_cli.train import attach_lora, build_trainer, prepare, step_plan, training_only
 
 from .conftest import CHAT, INST_TEMPLATE, TINY_TRAIN, ROOT, run_cli, write_jsonl
