@@ -13,7 +13,8 @@ Runs (each in its own process, so peak memory is its own):
   trl-sft           what `trl sft` does with its own defaults (SFTConfig's: conversational rows, gradient
                     checkpointing, no packing, loss on all tokens) and the same LoRA, batches and schedule
 Every run sees the same examples; the first optimizer step is warm-up and not timed. Reported per run: non-pad
-tokens/s (all tokens the model processed), loss tokens/s (tokens in the loss), optimizer steps/s, wall time, peak
+tokens/s (all tokens the model processed), loss tokens/s (tokens in the loss), optimizer steps/s, wall time of the
+training, e2e time (from the launch of its process to the end of training: start-up included), peak
 memory (process RSS on CPU, torch.cuda.max_memory_allocated on GPU), the held-out loss on assistant tokens (the task;
 computed the same way for every run), its model FLOP/s as a share of this machine's matrix-multiply ceiling (measured
 in the same run: fp32 on CPU, bf16 on CUDA), and the ratios to the baseline. Results also go to --out (JSON).
@@ -68,30 +69,32 @@ def main() -> None:
             f"--{k}={v}" for k, v in vars(args).items() if k not in ("worker", "runs", "out", "load_in_4bit")]
         argv += ["--load_in_4bit"] if args.load_in_4bit else []
         print(f"bench: running {name} ...", file=sys.stderr, flush=True)
+        launched = time.time()
         proc = subprocess.run(argv, capture_output=True, text=True,
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")), None)
         if proc.returncode != 0 or line is None:
             sys.exit(f"bench: {name} failed:\n{proc.stderr[-3000:]}")
         results[name] = json.loads(line[len("BENCH_RESULT "):])
+        results[name]["e2e_s"] = results[name].pop("train_end_unix") - launched  # start-up included
         results[name]["ceiling_share"] = results[name]["model_flops_per_s"] / ceiling
     report(results, args, ceiling)
 
 
 def report(results: dict, args: argparse.Namespace, ceiling: float) -> None:
     base = results.get("baseline")
-    cols = ("non-pad tok/s", "loss tok/s", "steps/s", "wall s", "peak GiB", "eval loss", "of ceiling")
+    cols = ("non-pad tok/s", "loss tok/s", "steps/s", "wall s", "peak GiB", "e2e s", "eval loss", "of ceiling")
     print(f"\n{'run':<16}" + "".join(f"{c:>15}" for c in cols))
     for name, r in results.items():
         row = (r["tokens_per_s"], r["loss_tokens_per_s"], r["steps_per_s"], r["wall_s"], r["peak_bytes"] / 2**30,
-               r["eval_loss"], r["ceiling_share"])
+               r["e2e_s"], r["eval_loss"], r["ceiling_share"])
         print(f"{name:<16}" + "".join(f"{v:>15.3f}" for v in row))
     if base:
-        print(f"\n{'vs baseline':<16}" + "".join(f"{c:>15}" for c in cols[:5]))
+        print(f"\n{'vs baseline':<16}" + "".join(f"{c:>15}" for c in cols[:6]))
         for name, r in results.items():
             ratios = (r["tokens_per_s"] / base["tokens_per_s"], r["loss_tokens_per_s"] / base["loss_tokens_per_s"],
                       r["steps_per_s"] / base["steps_per_s"], r["wall_s"] / base["wall_s"],
-                      r["peak_bytes"] / base["peak_bytes"])
+                      r["peak_bytes"] / base["peak_bytes"], r["e2e_s"] / base["e2e_s"])
             print(f"{name:<16}" + "".join(f"{v:>14.2f}x" for v in ratios))
     device = results[next(iter(results))]["device"]
     print(f"\ndevice: {device}; {args.examples} training conversations per run, eval on {args.eval_rows} held-out; "
@@ -128,6 +131,13 @@ def matmul_ceiling(seconds: float = 3.0) -> float:
 
 
 def run_worker(args: argparse.Namespace) -> dict:
+    if args.worker.startswith("lora-train"):  # as the lora-train command does in its own process
+        from lora_cli.train.optimizer import hide_unused_bitsandbytes
+
+        flags = shlex.split(args.flags)
+        optim = flags[flags.index("--optim") + 1] if "--optim" in flags else \
+            "adamw_torch" if args.worker == "lora-train-fast" else "paged_adamw_32bit"
+        hide_unused_bitsandbytes(args.load_in_4bit or "--load_in_8bit" in flags, optim)
     import torch
     from transformers import set_seed
 
@@ -145,11 +155,12 @@ def run_worker(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
+    train_end_unix = time.time()
     measured = meter.measured()
     cuda = torch.cuda.is_available()
     result = {
         "run": args.worker, "device": torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)",
-        "optimizer_steps": trainer.state.global_step, "wall_s": wall, **measured,
+        "optimizer_steps": trainer.state.global_step, "wall_s": wall, "train_end_unix": train_end_unix, **measured,
         "peak_bytes": int(torch.cuda.max_memory_allocated()) if cuda
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "eval_loss": task_eval_loss(trainer.model, tokenizer, args),
@@ -315,7 +326,7 @@ def lora_train_trainer(args, fast: bool):
     subset.unlink()
     plan = step_plan(cfg, model, precision, prepared.train_stats)
     # lora-train holds this for the whole run; the worker process ends with the run, so nothing needs undoing
-    training_only(model, plan, precision, cfg.use_dora).__enter__()
+    training_only(model, plan, precision, cfg.use_dora, cheaper_dropout=cfg.method == "sft").__enter__()
     return build_trainer(cfg, model, prepared, plan, precision), prepared.tokenizer
 
 

@@ -22,7 +22,7 @@ def build(base: str, data, out, *extra: str):
     model = models.load_model(prepared.base, precision="fp32", load_in_4bit=cfg.load_in_4bit)
     model = attach_lora(model, cfg)
     plan = step_plan(cfg, model, "fp32", prepared.train_stats)
-    settings = training_only(model, plan, "fp32", cfg.use_dora)
+    settings = training_only(model, plan, "fp32", cfg.use_dora, cheaper_dropout=cfg.method == "sft")
     settings.__enter__()  # left on while the trainer lives: these tests look at the model as it trains
     trainer = build_trainer(cfg, model, prepared, plan, "fp32")
     trainer.test_keeps_alive = settings  # a dropped generator would run its finally and undo the settings
@@ -159,17 +159,23 @@ def test_compact_loss_and_trls_fused_head_equal_the_plain_loss_and_gradients(tin
 
 def test_training_only_settings_are_undone_after_training(tiny_llama, chat_file, tmp_path):
     cfg = config.parse_args(["--base_model", str(tiny_llama), "--train_path", str(chat_file), "--output_dir",
-                             str(tmp_path / "o"), *TINY_TRAIN])
+                             str(tmp_path / "o"), *TINY_TRAIN, "--lora_dropout", "0.1"])
     prepared = prepare(cfg)
     model = attach_lora(models.load_model(prepared.base, precision="bf16"), cfg)
     plan = step_plan(cfg, model, "bf16", prepared.train_stats)
     flags = lambda: {m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")}
-    with pytest.raises(RuntimeError, match="training failed"), training_only(model, plan, "bf16", False) as per_seq:
+    dropouts = lambda: {type(d).__name__ for m in model.modules() if hasattr(m, "lora_dropout")
+                        for d in m.lora_dropout.values()}
+    assert dropouts() == {"Dropout"}
+    with pytest.raises(RuntimeError, match="training failed"), training_only(model, plan, "bf16", False,
+                                                                                cheaper_dropout=True) as per_seq:
         build_trainer(cfg, model, prepared, plan, "bf16")
         assert per_seq and model.get_base_model().config._attn_implementation == attention.NAME
         assert flags() == {False}
+        assert dropouts() == {"UniformMaskDropout"}  # on CPU: the cheaper masks
         raise RuntimeError("training failed")  # undone when training fails, as when it returns
     assert model.get_base_model().config._attn_implementation == "sdpa" and flags() == {True}
+    assert dropouts() == {"Dropout"}
     with torch.no_grad():  # usable outside the trainer's autocast, with padding masks honoured
         model(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([[0, 1, 1]]))
 
@@ -370,3 +376,49 @@ def test_dry_run_reports_without_loading_or_writing(tiny_llama, chat_file, tmp_p
     linear = [m for n, m in model.named_modules() if type(m).__name__ == "Linear" and "lora" not in n
               and n.endswith(("_proj",))]
     assert full.trainable_params == sum(4 * (m.in_features + m.out_features) for m in linear)
+
+
+def test_paged_adamw_on_cpu_is_torch_adamw_with_the_same_updates(tmp_path):
+    """--optim paged_adamw_32bit (the default) without CUDA runs torch's AdamW: bitsandbytes' own optimizer, as
+    transformers builds both, makes the same updates."""
+    from transformers import Trainer, TrainingArguments
+
+    from lora_cli.train.optimizer import optimizer_name
+
+    assert optimizer_name("paged_adamw_32bit", cuda=False) == "adamw_torch"
+    assert optimizer_name("paged_adamw_32bit", cuda=True) == "paged_adamw_32bit"
+    assert optimizer_name("paged_adamw_8bit", cuda=False) == "paged_adamw_8bit"  # other maths: never swapped
+    results = []
+    for name in ("paged_adamw_32bit", "adamw_torch"):
+        args = TrainingArguments(output_dir=str(tmp_path), optim=name, learning_rate=1e-2, weight_decay=0.1,
+                                 use_cpu=True, report_to=[])
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(64, 16, generator=generator)) for _ in range(3)]
+        optimizer = cls(params, **kwargs)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator)
+            optimizer.step()
+        results.append((cls.__module__, [p.detach().clone() for p in params]))
+    assert results[0][0].startswith("bitsandbytes") and results[1][0].startswith("torch")
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_lora_train_process_without_quantisation_never_imports_bitsandbytes(tiny_llama, chat_file, tmp_path):
+    """The command itself (a process of its own, default --optim) trains without importing bitsandbytes."""
+    import subprocess
+    import sys
+
+    argv = ["lora-train", "--base_model", str(tiny_llama), "--train_path", str(chat_file), "--output_dir",
+            str(tmp_path / "o"), *[a for a in TINY_TRAIN if a not in ("--optim", "adamw_torch")],
+            "--lora_dropout", "0.1"]  # dropout on: the fused CPU dropout (train/dropout.py) in a whole run
+    assert "--optim" not in argv  # the default: paged_adamw_32bit
+    probe = ("import runpy, sys\nsys.argv = %r\ntry:\n    runpy.run_module('lora_cli.cli.train', run_name='__main__')\n"
+             "except SystemExit as exc:\n    code = exc.code\nprint('exit', code, 'bitsandbytes', "
+             "'bitsandbytes' in sys.modules and sys.modules['bitsandbytes'] is not None)" % argv)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert "exit 0 bitsandbytes False" in done.stdout, done.stderr[-2000:]
+    assert "optimizer: torch's AdamW for --optim paged_adamw_32bit" in done.stderr
+    assert (tmp_path / "o" / "adapter_model.safetensors").is_file()

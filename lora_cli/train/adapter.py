@@ -70,18 +70,30 @@ def continue_adapter(model: Any, path: str) -> Any:
 
 
 @contextmanager
-def training_only(model: Any, plan: StepPlan, precision: str, use_dora: bool) -> Iterator[bool]:
+def training_only(model: Any, plan: StepPlan, precision: str, use_dora: bool,
+                  cheaper_dropout: bool = False) -> Iterator[bool]:
     """The model's training-only settings, undone on leaving (also on failure) for code that keeps using the model:
-    per-conversation sdpa in padding-free batches (it needs the collator's sequence boundaries), and no fp32 copies
-    of the adapter inputs under bf16/fp16 autocast. Yields whether sdpa runs per conversation."""
+    per-conversation sdpa in padding-free batches (it needs the collator's sequence boundaries), no fp32 copies of
+    the adapter inputs under bf16/fp16 autocast, and with `cheaper_dropout` on CPU LoRA dropout drawn and kept the
+    cheaper way (train/dropout.py; not for TRL's preference trainers, which switch nn.Dropout off themselves).
+    Yields whether sdpa runs per conversation."""
     per_sequence = plan.padding_free and attention.use_per_sequence_sdpa(model)
     if precision in ("bf16", "fp16") and not use_dora:
         cast_adapter_inputs(model, False)
+    dropout_undo = []
+    if cheaper_dropout and next(model.parameters()).device.type == "cpu":
+        from .dropout import use_cheaper_lora_dropout
+
+        dropout_undo = use_cheaper_lora_dropout(model, fuse=precision == "fp32")
     try:
         yield per_sequence
     finally:
         attention.use_plain_sdpa(model)
         cast_adapter_inputs(model, True)
+        if dropout_undo:
+            from .dropout import restore_lora_dropout
+
+            restore_lora_dropout(dropout_undo)
 
 
 def cast_adapter_inputs(model: Any, enabled: bool) -> None:

@@ -55,7 +55,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     check_disk_space(out, model, cfg.save_total_limit)
     plan = plan_steps(cfg, model, precision, prepared.train_stats)
     resumed_tokens = checkpoints.checkpoint_info(resume_from).get("trained_tokens", 0) if resume_from else 0
-    with training_only(model, plan, precision, cfg.use_dora) as per_sequence:
+    with training_only(model, plan, precision, cfg.use_dora, cheaper_dropout=cfg.method == "sft") as per_sequence:
         log.info("each optimizer step: %s", plan.describe(per_sequence))
         trainer = build(cfg, model, prepared, plan, precision, resumed_tokens)
         return run_training(cfg, trainer, prepared, out, resume_from, data_hashes)

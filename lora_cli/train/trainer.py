@@ -11,6 +11,7 @@ from ..config import TrainConfig
 from ..errors import UsageError
 from ..filenames import CHECKPOINT_STAGING
 from .dataset import Prepared
+from .optimizer import optimizer_name
 from .plan import StepPlan, cuda_available
 
 log = logging.getLogger("lora_cli")
@@ -191,7 +192,7 @@ def training_arguments(cfg: TrainConfig, plan: StepPlan, precision: str, has_eva
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float below 1 is a fraction of the steps
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        optim=cfg.optim,
+        optim=optimizer_name(cfg.optim, cuda_available()),
         seed=cfg.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
