@@ -145,8 +145,9 @@ def locate_turns(tokenizer: Any, messages: list[dict], where: str = "", tools: l
     if _GENERATION.search(tokenizer.chat_template or ""):
         spans = _generation_spans(tokenizer, messages, text, where, tools)
     else:
-        spans = [_turn_span(tokenizer, messages, i, text, where, tools)
-                 for i, m in enumerate(messages) if m["role"] == "assistant"]
+        spans = _linear_spans(tokenizer, messages, text, tools)
+        if spans is None:  # the template does not decompose turn by turn: the per-turn method decides, or errs
+            spans = prefix_spans(tokenizer, messages, text, where, tools)
     found = Rendered(text, spans)
     for i, m in enumerate(messages):
         if m["role"] == "assistant" and _has_reasoning(m):
@@ -206,6 +207,103 @@ def _sentinel(text: str) -> str:
     return sentinel
 
 
+def prefix_spans(tokenizer: Any, messages: list[dict], text: str, where: str,
+                 tools: list[dict] | None) -> list[Span]:
+    """Every assistant turn's span by rendering the conversation prefix by prefix (cost: the square of the turns)."""
+    return [_turn_span(tokenizer, messages, i, text, where, tools)
+            for i, m in enumerate(messages) if m["role"] == "assistant"]
+
+
+def _linear_spans(tokenizer: Any, messages: list[dict], text: str, tools: list[dict] | None) -> list[Span] | None:
+    """The spans _turn_span finds, at a cost linear in the turns; None where this cannot be shown, and then the
+    prefix-by-prefix method decides.
+
+    One rendering with every assistant turn replaced by its own sentinel cuts the conversation into the text between
+    turns ("glue"); the real rendering must be that glue with each turn's payload between, each glue found exactly
+    once where it can be. Where the history before turn i ends and what generation prompt follows it come from
+    rendering only the few messages since the previous assistant turn (that turn a sentinel): the end of the
+    previous turn there must begin the glue after it in the full rendering.
+    """
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    base = _sentinel(text)
+    marked_messages = list(messages)
+    for k, i in enumerate(turns):
+        marked_messages[i] = {"role": "assistant", "content": f"{base}{k}\ue003"}
+    try:
+        pieces = render(tokenizer, marked_messages, tools=tools).split(base)
+    except Exception:  # jinja raises several types (e.g. a tool result must follow a tool call)
+        return None
+    if len(pieces) != len(turns) + 1 or not all(p.startswith(f"{k}\ue003") for k, p in enumerate(pieces[1:])):
+        return None
+    glue = [pieces[0], *(p[len(f"{k}\ue003"):] for k, p in enumerate(pieces[1:]))]
+    if not (text.startswith(glue[0]) and text.endswith(glue[-1])):
+        return None
+    # payload k lies between glue k and glue k + 1: find each glue once, leaving room for the glue after it
+    bounds, pos, room = [], len(glue[0]), sum(len(g) for g in glue[1:])
+    for k in range(len(turns)):
+        room -= len(glue[k + 1])
+        limit = len(text) - room
+        end = len(text) - len(glue[-1]) if k == len(turns) - 1 else text.find(glue[k + 1], pos, limit)
+        if end < pos or (k < len(turns) - 1 and text.find(glue[k + 1], end + 1, limit) != -1):
+            return None  # absent, or more than once: the split is ambiguous
+        bounds.append((pos, end))
+        pos = end + len(glue[k + 1])
+    spans = []
+    for k, i in enumerate(turns):
+        found = _history_and_prompt(tokenizer, messages, turns, k, bounds, glue, text, tools, base)
+        if found is None:
+            return None
+        history_end, header = found
+        start, payload_end = bounds[k]
+        if text.startswith(header, history_end):
+            start = history_end + len(header)
+        elif start < history_end:
+            return None
+        if payload_end < start:
+            return None
+        spans.append(_closed_span(tokenizer, text, start, payload_end))
+    return spans
+
+
+def _history_and_prompt(tokenizer: Any, messages: list[dict], turns: list[int], k: int,
+                        bounds: list[tuple[int, int]], glue: list[str], text: str, tools: list[dict] | None,
+                        base: str) -> tuple[int, str] | None:
+    """Where the history before assistant turn k ends in `text`, and the generation prompt that follows it."""
+    i = turns[k]
+    if k == 0:  # only the messages before the first answer: rendered as they are
+        try:
+            history = render(tokenizer, messages[:i], tools=tools) if i else ""
+            prompt = render(tokenizer, messages[:i], True, tools) if i else ""
+        except Exception:
+            return None
+        if not (text.startswith(history) and prompt.startswith(history)):
+            return None
+        return len(history), prompt[len(history):]
+    previous = turns[k - 1]
+    first = max((j for j in range(previous) if messages[j]["role"] == "user"), default=previous)
+    context = [*messages[first:previous], {"role": "assistant", "content": base}, *messages[previous + 1:i]]
+    try:
+        history = render(tokenizer, context, tools=tools)
+        prompt = render(tokenizer, context, True, tools)
+    except Exception:
+        return None
+    if history.count(base) != 1 or not prompt.startswith(history):
+        return None
+    tail = history.split(base)[1]  # the end of the previous turn and the messages since
+    if not glue[k].startswith(tail):
+        return None
+    return bounds[k - 1][1] + len(tail), prompt[len(history):]
+
+
+def _closed_span(tokenizer: Any, text: str, start: int, payload_end: int) -> Span:
+    """The span from `start` through the payload and the special token that closes the turn, where one does."""
+    gap = len(text) - payload_end - len(text[payload_end:].lstrip(" \t\r\n"))
+    for special in _special_strings(tokenizer):
+        if text.startswith(special, payload_end + gap):
+            return Span(start, payload_end + gap + len(special), True)
+    return Span(start, payload_end, False)
+
+
 def _turn_span(tokenizer: Any, messages: list[dict], i: int, text: str, where: str,
                tools: list[dict] | None) -> Span:
     """Assistant message i's span in `text`: from the end of the generation prompt to its end-of-turn token."""
@@ -238,11 +336,7 @@ def _turn_span(tokenizer: Any, messages: list[dict], i: int, text: str, where: s
     payload_end = len(text) - len(after)
     if payload_end < start:
         raise uncertain("its header overlaps the rest of the conversation")
-    gap = len(after) - len(after.lstrip(" \t\r\n"))
-    for special in _special_strings(tokenizer):
-        if after.startswith(special, gap):
-            return Span(start, payload_end + gap + len(special), True)
-    return Span(start, payload_end, False)
+    return _closed_span(tokenizer, text, start, payload_end)
 
 
 def _generation_spans(tokenizer: Any, messages: list[dict], text: str, where: str,
