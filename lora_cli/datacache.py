@@ -15,7 +15,7 @@ from typing import Any
 
 from . import chat, fsutil
 from .data import Conversation
-from .encode import EncodeStats
+from .encode import ENCODING_VERSION, EncodeStats
 from .errors import one_line
 from .filenames import ENCODE_STATS
 
@@ -35,10 +35,9 @@ def root() -> Path:
 def key(tokenizer: Any, rows: list[Conversation], settings: dict[str, Any]) -> str:
     """A digest of everything the encoded columns depend on; any change gives a new entry."""
     h = hashlib.sha256()
-    here = Path(__file__).parent
-    for module in ("chat.py", "encode.py"):  # the encoding rules themselves
-        h.update((here / module).read_bytes())
-    h.update(json.dumps({"format": FORMAT, "settings": settings, "class": type(tokenizer).__name__,
+    # ENCODING_VERSION stands for the encoding rules themselves (tests/test_golden_encoding.py guards it)
+    h.update(json.dumps({"format": FORMAT, "encoding": ENCODING_VERSION, "settings": settings,
+                         "class": type(tokenizer).__name__,
                          "template": getattr(tokenizer, "chat_template", None),
                          "template_kwargs": chat.template_kwargs(tokenizer),
                          "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},

@@ -12,6 +12,11 @@ from .errors import DataError
 
 log = logging.getLogger("lora_cli")
 
+# The version of what encode_row produces (ids, labels, fates) for given rows, tokenizer and settings. The data cache
+# keys on it: bump it whenever that output changes. tests/test_golden_encoding.py fails until it is bumped and the
+# golden file regenerated, so that moving or rewriting the encoding code never reuses stale cached rows.
+ENCODING_VERSION = 1
+
 
 @dataclass
 class EncodeStats:

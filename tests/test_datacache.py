@@ -70,6 +70,10 @@ def test_a_changed_tokenizer_is_a_different_key(tokenizer, llama3_tokenizer, cha
     assert key != datacache.key(AutoTokenizer.from_pretrained(demo_dir, split_special_tokens=True), rows, settings)
     monkeypatch.setattr(datacache, "_versions", lambda *names: {"transformers": "0.0"})  # another library version
     assert key != datacache.key(tokenizer, rows, settings)
+    monkeypatch.undo()
+    assert key == datacache.key(tokenizer, rows, settings)
+    monkeypatch.setattr(datacache, "ENCODING_VERSION", datacache.ENCODING_VERSION + 1)  # new encoding rules
+    assert key != datacache.key(tokenizer, rows, settings)
 
 
 def test_entries_are_readable_by_other_users_of_a_shared_cache(tiny_llama, chat_file, tmp_path, own_data_cache):
