@@ -26,7 +26,7 @@ log = logging.getLogger("lora_cli")
 
 
 @dataclass
-class Job:
+class Prepared:
     """Everything known before any weight is written: fast to build, so bad input fails in seconds."""
 
     adapter: Adapter
@@ -39,7 +39,7 @@ class Job:
     model_bytes: int  # the base in fp32
 
 
-def prepare(cfg: MergeConfig) -> Job:
+def prepare(cfg: MergeConfig) -> Prepared:
     adapter = adapters.read_adapter(cfg.adapter_dir)
     base = models.resolve("") if cfg.base_model == "demo" else adapters.resolve_base(adapter, cfg.base_model)
     folder = models.local_folder(base)
@@ -55,7 +55,7 @@ def prepare(cfg: MergeConfig) -> Job:
     skeleton = build_skeleton(base, folder, cfg.trust_remote_code)
     parsed = parse_adapter(adapter, adapters.load_adapter_weights(adapter))
     plan = plan_merge(adapter, parsed, ckpt, skeleton, cfg.simulate_nf4)
-    return Job(adapter, base, folder, ckpt, resolve_dtype(cfg.dtype, ckpt, base_config), parsed, plan,
+    return Prepared(adapter, base, folder, ckpt, resolve_dtype(cfg.dtype, ckpt, base_config), parsed, plan,
                sum(p.numel() for p in skeleton.parameters()) * 4)
 
 
@@ -85,7 +85,7 @@ def merge(cfg: MergeConfig) -> dict[str, Any]:
     return report
 
 
-def write_model(cfg: MergeConfig, job: Job, tmp: Path) -> dict[str, Any]:
+def write_model(cfg: MergeConfig, job: Prepared, tmp: Path) -> dict[str, Any]:
     """Weights, config, tokenizer and generation config into `tmp`, then the verification; returns the report."""
     if job.plan.streaming:
         shards = write_streamed(job.ckpt, job.plan, cfg.dtype, tmp)
@@ -140,7 +140,7 @@ def check_disk_space(out: Path, ckpt: SafetensorsFolder | None, dtype: str) -> N
     fsutil.check_free_space(out, need, f"OUT_DIR {out}: the merged model")
 
 
-def _log_start(job: Job, cfg: MergeConfig) -> None:
+def _log_start(job: Prepared, cfg: MergeConfig) -> None:
     pc, adapter = job.adapter.peft_config, job.adapter
     scaling = "rsLoRA alpha/sqrt(r)" if pc.get("use_rslora") else "alpha/r"
     extras = "".join(f", {e}" for e, on in (("DoRA", pc.get("use_dora")), (
@@ -163,7 +163,7 @@ def _log_start(job: Job, cfg: MergeConfig) -> None:
                  job.base.path)
 
 
-def build_report(cfg: MergeConfig, job: Job, out: Path, shards: list[str]) -> dict[str, Any]:
+def build_report(cfg: MergeConfig, job: Prepared, out: Path, shards: list[str]) -> dict[str, Any]:
     adapter, base, parsed, plan, dtype = job.adapter, job.base, job.parsed, job.plan, job.dtype
     pc = adapter.peft_config
     return {

@@ -15,7 +15,7 @@ from ..verification import BUILTIN_PROMPTS, MERGE_TOLERANCES, logit_differences,
 from .writer import round_trip_in_place
 
 if TYPE_CHECKING:
-    from .command import Job
+    from .command import Prepared
 
 log = logging.getLogger("lora_cli")
 
@@ -116,7 +116,7 @@ class Reference:
     gates: bool = False  # pass/fail is decided against this one
 
 
-def verify(job: Job, out: Path, tokenizer: Any, eos_ids: list[int], trust_remote_code: bool) -> dict[str, Any]:
+def verify(job: Prepared, out: Path, tokenizer: Any, eos_ids: list[int], trust_remote_code: bool) -> dict[str, Any]:
     """Merged model vs base+adapter (peft, unmerged) on a few conversations. Pass/fail is against the reference the
     merge reproduces (the full-precision base, or the NF4-rounded one with --simulate_nf4); a QLoRA adapter is also
     compared with the real 4-bit base+adapter, which is expected to differ more."""
