@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import distributed, fsutil, integrity
+from . import distributed, fsutil, integrity, tokenizer_files
 from .errors import RunFailure, UsageError, first_line, one_line
 from .filenames import MODEL_CONFIG
 
@@ -143,7 +143,7 @@ def _convert(gguf: Path, target: Path) -> None:
     try:
         with fsutil.staged_folder(target) as tmp:
             model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            tokenizer_files.save_tokenizer(tokenizer, tmp)
     except OSError:  # another process finished the same conversion first
         if not (target / MODEL_CONFIG).is_file():
             raise

@@ -5,6 +5,7 @@ the most likely next token at every position and greedy answers."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,16 @@ def test_family_exports_and_runs_in_llama_cpp(family, llama_cpp, tmp_path):
         assert report["tensor_types"]["F32"] == 5 + 1  # norms, and rope_freqs: Llama 3.1's scaled frequencies
         eot = 128009  # <|eot_id|> ends a turn; llama.cpp must stop there
         assert eot in (meta["tokenizer.ggml.eos_token_id"], meta.get("tokenizer.ggml.eot_token_id"))
+
+
+def test_llama_cpp_catches_a_wrong_layout(llama_cpp, tmp_path, monkeypatch, caplog):
+    """The judge discriminates: q/k rows left in transformers' order (not llama.cpp's) fail."""
+    from lora_cli.errors import RunFailure
+    from lora_cli.export import tensors
+
+    caplog.set_level("INFO", logger="lora_cli")
+    model = _tiny_family_model("mistral", tmp_path / "mistral")
+    monkeypatch.setattr(tensors, "rope_rows_to_pairs", lambda w, n_heads: w)
+    with pytest.raises(RunFailure, match="verification failed"):
+        export(parse_args([str(model), str(tmp_path / "wrong.gguf")], cls=ExportConfig))
+    assert re.search(r"llama.cpp next tokens vs source .* -> FAIL", caplog.text)

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .. import adapters, chat, models
+from .. import adapters, chat, models, tokenizer_files
 from ..adapters import Adapter
 from ..filenames import GENERATION_CONFIG, MODEL_CONFIG, SAFETENSORS_INDEX
 from ..safetensors_io import SafetensorsFolder, write_safetensors
@@ -118,7 +118,7 @@ def write_tokenizer_and_generation(adapter: Adapter, base: models.BaseModel, fol
     from transformers import GenerationConfig
 
     tokenizer = adapters.load_adapter_tokenizer(adapter, base, trust_remote_code)
-    tokenizer.save_pretrained(out)
+    tokenizer_files.save_tokenizer(tokenizer, out)
     if (folder / GENERATION_CONFIG).is_file():
         generation = GenerationConfig.from_pretrained(folder)
     else:

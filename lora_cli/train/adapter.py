@@ -48,10 +48,20 @@ def attach_lora(model: Any, cfg: TrainConfig) -> Any:
             raise UsageError(f"--target_modules {cfg.target_modules}: not found in the model; its linear modules "
                              f"are {','.join(names)}") from None
         raise
+    for trap in serving_traps(cfg):
+        log.warning(trap)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA r=%d alpha=%d on %s: %s trainable parameters (%.2f%% of %s)", cfg.lora_r, cfg.lora_alpha,
              cfg.target_modules, f"{trainable:,}", 100 * trainable / total, f"{total:,}")
     return model
+
+
+def serving_traps(cfg: TrainConfig) -> list[str]:
+    """Adapters vLLM refuses as they are, said when training starts rather than found at deployment."""
+    flags = [flag for flag, on in (("--use_dora", cfg.use_dora), ("--modules_to_save", bool(cfg.modules_to_save)))
+             if on]
+    return [f"{' and '.join(flags)}: vLLM cannot serve this adapter as it is (it serves plain LoRA weights only); "
+            "merge it with lora-merge and serve the merged model"] if flags else []
 
 
 def continue_adapter(model: Any, path: str) -> Any:

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .. import chat, checkpoints, distributed, errors
+from .. import chat, checkpoints, distributed, errors, tokenizer_files
 from ..config import TrainConfig
 from ..errors import UsageError
 from ..filenames import CHECKPOINT_STAGING
@@ -65,6 +65,10 @@ class LoraCliTrainer:
     @property
     def trained_tokens_total(self) -> int:
         return self.trained_tokens_resumed + self.trained_tokens
+
+    def _save(self, output_dir=None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        tokenizer_files.make_portable(Path(output_dir or self.args.output_dir))  # adapters and checkpoints alike
 
     def _get_output_dir(self, trial):
         return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
