@@ -4,8 +4,8 @@ peft computes lora_B(lora_A(dropout(x))) per LoRA module; on CPU that dropout co
 training step, nearly all of it random numbers and full-size elementwise passes. Here a keep-mask element is 16
 random bits compared with p (p rounded to a multiple of 1/65536: 0.05 becomes 0.0500031), four per 64-bit draw
 (0.45 ms of CPU for a [400, 576] mask against 1.28 ms for fp32 uniforms and 3.0 ms for torch's dropout, measured),
-and `fuse_lora_dropout` runs dropout and lora_A as one autograd function: it keeps x itself (the base layer keeps it
-already: no copy) and the bool mask instead of the dropped copy of x, and applies the 1 / (1 - p) scale on the
+and `use_cheaper_lora_dropout` runs dropout and lora_A as one autograd function: it keeps x itself (the base layer
+keeps it already: no copy) and the bool mask instead of the dropped copy of x, and applies the 1 / (1 - p) scale on the
 rank-r side, where it is cheap. UniformMaskDropout replaces nn.Dropout where that fusion does not apply (bf16/fp16
 autocast, DoRA and other LoRA variants). On CUDA torch's fused dropout is fast and nothing changes.
 """

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import sys
-
-log = logging.getLogger("lora_cli")
 
 # bitsandbytes' paged 32-bit AdamW (train_lora.py's default, kept as ours): paging moves optimizer state between GPU
 # and CPU memory; without CUDA bitsandbytes falls back to its plain 32-bit AdamW, the same updates as torch's.
@@ -17,11 +14,7 @@ TORCH_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "ada
 def optimizer_name(requested: str, cuda: bool) -> str:
     """--optim as given, except bitsandbytes' paged 32-bit AdamW on a machine without CUDA: torch's AdamW, whose
     updates are the same (tests/test_train.py compares them) and which needs no bitsandbytes."""
-    if requested in PAGED_ADAMW_32BIT and not cuda:
-        log.info("optimizer: torch's AdamW for --optim %s (paging needs a CUDA GPU; the updates are the same)",
-                 requested)
-        return "adamw_torch"
-    return requested
+    return "adamw_torch" if requested in PAGED_ADAMW_32BIT and not cuda else requested
 
 
 def hide_unused_bitsandbytes(quantized: bool, optim: str) -> bool:

@@ -184,6 +184,10 @@ def build_trainer(cfg: TrainConfig, model: Any, prepared: Prepared, plan: StepPl
 
 def training_arguments(cfg: TrainConfig, plan: StepPlan, precision: str, has_eval: bool) -> dict[str, Any]:
     """The TrainingArguments every lora-train method shares (SFTConfig, DPOConfig, ORPOConfig, KTOConfig take them)."""
+    optim = optimizer_name(cfg.optim, cuda_available())
+    if optim != cfg.optim:
+        log.info("optimizer: torch's AdamW for --optim %s (paging needs a CUDA GPU; the updates are the same)",
+                 cfg.optim)
     return dict(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=plan.micro_batch,
@@ -196,7 +200,7 @@ def training_arguments(cfg: TrainConfig, plan: StepPlan, precision: str, has_eva
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float below 1 is a fraction of the steps
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        optim=optimizer_name(cfg.optim, cuda_available()),
+        optim=optim,
         seed=cfg.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
