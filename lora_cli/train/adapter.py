@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 from .. import attention
@@ -54,6 +55,43 @@ def attach_lora(model: Any, cfg: TrainConfig) -> Any:
     log.info("LoRA r=%d alpha=%d on %s: %s trainable parameters (%.2f%% of %s)", cfg.lora_r, cfg.lora_alpha,
              cfg.target_modules, f"{trainable:,}", 100 * trainable / total, f"{total:,}")
     return model
+
+
+# Initialisations that move part of the base weights into the adapter: the adapter as trained is right only on that
+# modified base (vLLM, Ollama ADAPTER and peft on the original base would serve it wrong, without an error).
+BASE_MODIFYING_INITS = ("pissa", "olora")
+
+
+def save_initial_adapter(model: Any, cfg: TrainConfig, folder: Path) -> str | None:
+    """A PiSSA/OLoRA adapter as initialised, before any training, saved into `folder`/initial_adapter; the final save
+    converts the trained adapter against it (save_as_plain_lora). None for other initialisations and --adapter."""
+    if cfg.adapter or cfg.init_lora_weights not in BASE_MODIFYING_INITS:
+        return None
+    path = folder / "initial_adapter"  # the name peft gives the initial adapter while converting: not "default"
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def save_as_plain_lora(model: Any, folder: str, initial: str) -> None:
+    """Save the trained PiSSA/OLoRA adapter in `folder` converted to plain LoRA on the unmodified base, by peft's own
+    conversion: delta W = B A - B0 A0 = [B | -B0] [A ; A0], so the saved adapter has twice the rank (and alpha,
+    keeping the scale); its config says init_lora_weights=true, and peft, lora-merge, vLLM and llama.cpp apply it to
+    the original base."""
+    from safetensors.torch import load_file, save_file
+
+    from peft import get_peft_model_state_dict
+
+    from ..filenames import ADAPTER_WEIGHTS
+
+    model.save_pretrained(folder, path_initial_model_for_weight_conversion=initial)
+    # peft's conversion (subtract_mutated_init) keeps only lora_A/lora_B; the other saved tensors (modules_to_save
+    # copies, DoRA magnitudes) do not depend on the moved part of the base, so they are put back as trained.
+    weights = Path(folder) / ADAPTER_WEIGHTS
+    converted = load_file(str(weights))
+    dropped = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()
+               if k not in converted}
+    if dropped:
+        save_file({**converted, **dropped}, str(weights), metadata={"format": "pt"})
 
 
 def serving_traps(cfg: TrainConfig) -> list[str]:

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from ..config import TrainConfig
 from ..errors import UsageError
 from ..filenames import COMPLETE_MARKER
 from ..lock import LOCK_FILE, OutputLock
-from .adapter import attach_lora, check_quantization_available, training_only
+from .adapter import attach_lora, check_quantization_available, save_initial_adapter, training_only
 from .dataset import Prepared, prepare
 from .plan import quantization, step_plan
 from .run import run_training
@@ -55,10 +56,13 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     check_disk_space(out, model, cfg.save_total_limit)
     plan = plan_steps(cfg, model, precision, prepared.train_stats)
     resumed_tokens = checkpoints.checkpoint_info(resume_from).get("trained_tokens", 0) if resume_from else 0
-    with training_only(model, plan, precision, cfg.use_dora, cheaper_dropout=cfg.method == "sft") as per_sequence:
-        log.info("each optimizer step: %s", plan.describe(per_sequence))
-        trainer = build(cfg, model, prepared, plan, precision, resumed_tokens)
-        return run_training(cfg, trainer, prepared, out, resume_from, data_hashes)
+    with tempfile.TemporaryDirectory(prefix="lora-cli-") as scratch:
+        initial_adapter = save_initial_adapter(model, cfg, Path(scratch))  # PiSSA/OLoRA, for the plain-LoRA save
+        with training_only(model, plan, precision, cfg.use_dora, cheaper_dropout=cfg.method == "sft") as per_sequence:
+            log.info("each optimizer step: %s", plan.describe(per_sequence))
+            trainer = build(cfg, model, prepared, plan, precision, resumed_tokens)
+            trainer.initial_adapter = initial_adapter
+            return run_training(cfg, trainer, prepared, out, resume_from, data_hashes)
 
 
 def method_steps(cfg: TrainConfig) -> tuple[Any, Any, Any]:

@@ -23,6 +23,7 @@ class LoraCliTrainer:
     and prunes old ones before the new one is whole) and prints each log as one short line."""
 
     LOGGED = ("loss", "eval_loss", "learning_rate", "grad_norm")
+    initial_adapter: str | None = None  # PiSSA/OLoRA: the adapter as initialised, for the final save's conversion
 
     def __init__(self, *args, keep_checkpoints: int = 0, trained_tokens_resumed: int = 0, **kwargs):
         self.keep_checkpoints = keep_checkpoints  # pruned here, only once the newest checkpoint is complete
@@ -68,6 +69,12 @@ class LoraCliTrainer:
 
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict)
+        if self.initial_adapter and self._staging is None and self.args.should_save:  # the final adapter only:
+            # checkpoints stay as trained, on the modified base that --resume rebuilds
+            from .adapter import save_as_plain_lora
+
+            save_as_plain_lora(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir,
+                               self.initial_adapter)
         tokenizer_files.make_portable(Path(output_dir or self.args.output_dir))  # adapters and checkpoints alike
 
     def _get_output_dir(self, trial):
