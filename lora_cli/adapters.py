@@ -11,6 +11,9 @@ from . import integrity, models
 from .errors import UsageError
 from .filenames import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CONFIG, RUN_CONFIG
 
+# Initialisations that move part of the base weights into the adapter (peft's names; "pissa_niter_4" etc. too).
+BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "lora_ga")
+
 
 @dataclass
 class Adapter:
@@ -34,6 +37,14 @@ class Adapter:
     @property
     def eval_path(self) -> str:
         return (self.run_config or {}).get("eval_path") or ""
+
+    @property
+    def base_modifying_init(self) -> str | None:
+        """The initialisation (pissa, olora, ...) of an adapter saved as trained on the base that initialisation
+        modified (a lora-train checkpoint, an adapter from elsewhere): right only on that base, which peft rebuilds
+        when it loads the adapter. None for plain LoRA, e.g. lora-train's final adapters, saved converted."""
+        init = self.peft_config.get("init_lora_weights")
+        return init if isinstance(init, str) and init.lower().startswith(BASE_MODIFYING_INITS) else None
 
     @property
     def has_tokenizer(self) -> bool:

@@ -51,6 +51,7 @@ def test_adapters_vllm_cannot_serve_are_named_at_train_time(chat_file, tmp_path)
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_base_modifying_adapters_are_saved_as_plain_lora_on_the_original_base(init, tiny_llama, chat_file, tmp_path,
+                                                                               capsys,
                                                                                monkeypatch):
     """PiSSA/OLoRA move part of the base into the adapter; the saved adapter is converted (peft's
     path_initial_model_for_weight_conversion) so that plain peft, lora-merge and lora-eval on the untouched base give
@@ -112,3 +113,17 @@ def test_base_modifying_adapters_are_saved_as_plain_lora_on_the_original_base(in
     assert reports["with"][0]["name"] == reports["without"][0]["name"] == "base"
     assert reports["with"][0]["loss"] == pytest.approx(reports["without"][0]["loss"], rel=1e-6)  # untouched base
     assert reports["with"][1]["loss"] != pytest.approx(reports["with"][0]["loss"], rel=1e-4)
+
+    # A checkpoint stays as trained, on the modified base: lora-merge leaves it to peft, which rebuilds that base,
+    # and lora-eval refuses it (loading it would change the base its base row is scored on).
+    checkpoint = adapter / "checkpoint-2"
+    assert json.loads((checkpoint / "adapter_config.json").read_text(encoding="utf-8"))["init_lora_weights"] == init
+    assert run_cli([str(checkpoint), str(tmp_path / "merged_checkpoint"), "--no-verify"], main=merge_main) == 0
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(base, str(checkpoint)).merge_and_unload().state_dict()
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "merged_checkpoint", dtype=torch.float32).state_dict()
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, reference[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert run_cli(["--adapter", str(checkpoint), "--eval_path", str(chat_file), "--output",
+                    str(tmp_path / "refused.json")], main=eval_main) == 2
+    assert f"init_lora_weights {init}, right only on the base" in capsys.readouterr().err

@@ -79,9 +79,14 @@ class EvalConfig:
         errors += [f"--adapter {p}: given twice" for p in dict.fromkeys(paths) if paths.count(p) > 1]
         for path in dict.fromkeys(paths):
             try:
-                read_adapter(path, "--adapter")
+                init = read_adapter(path, "--adapter").base_modifying_init
             except UsageError as exc:
                 errors.append(str(exc))
+                continue
+            if init:  # loading it modifies the base the base row is scored on
+                errors.append(f"--adapter {path}: saved as trained with init_lora_weights {init}, right only on the "
+                              "base that modified; evaluate the final adapter lora-train saves (converted to plain "
+                              "LoRA), not a checkpoint")
         if self.load_in_4bit and self.load_in_8bit:
             errors.append("--load_in_4bit and --load_in_8bit both set: choose one")
         for name in ("max_seq_length", "batch_size", "max_new_tokens"):

@@ -96,6 +96,8 @@ def _streaming_obstacle(adapter: Adapter, parsed: AdapterTensors, ckpt: Safetens
     """Why the streaming merge cannot apply (empty when it can)."""
     if ckpt is None:
         return "the base has no safetensors weights"
+    if adapter.base_modifying_init:
+        return f"the adapter is saved on the base its initialisation ({adapter.base_modifying_init}) modified"
     features = [f for f in PEFT_ONLY_FEATURES if adapter.peft_config.get(f)]
     if features:
         return f"the adapter uses {', '.join(features)}"

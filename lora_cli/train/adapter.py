@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .. import attention
+from ..adapters import BASE_MODIFYING_INITS
 from ..config import TrainConfig, split_list
 from ..errors import UsageError
 from .plan import StepPlan
@@ -57,15 +58,10 @@ def attach_lora(model: Any, cfg: TrainConfig) -> Any:
     return model
 
 
-# Initialisations that move part of the base weights into the adapter: the adapter as trained is right only on that
-# modified base (vLLM, Ollama ADAPTER and peft on the original base would serve it wrong, without an error).
-BASE_MODIFYING_INITS = ("pissa", "olora")
-
-
 def save_initial_adapter(model: Any, cfg: TrainConfig, folder: Path) -> str | None:
     """A PiSSA/OLoRA adapter as initialised, before any training, saved into `folder`/initial_adapter; the final save
     converts the trained adapter against it (save_as_plain_lora). None for other initialisations and --adapter."""
-    if cfg.adapter or cfg.init_lora_weights not in BASE_MODIFYING_INITS:
+    if cfg.adapter or not cfg.init_lora_weights.startswith(BASE_MODIFYING_INITS):
         return None
     path = folder / "initial_adapter"  # the name peft gives the initial adapter while converting: not "default"
     model.save_pretrained(str(path))
