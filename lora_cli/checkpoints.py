@@ -20,9 +20,6 @@ from .filenames import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINT_STAGING, COM
 log = logging.getLogger("lora_cli")
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-# Settings that may change between a run and its resume without changing what is learned.
-RESUMABLE_CHANGES = {"output_dir", "overwrite", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                     "report_to", "data_cache", "attn_implementation"}
 # Files a finished run leaves in the output dir (besides the tokenizer); cleared by --overwrite.
 FINAL_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAIN_METRICS, "README.md", COMPLETE_MARKER)
 
@@ -108,10 +105,14 @@ def fingerprint(**paths: str) -> dict[str, str]:
 
 def resume_problems(saved_config: dict[str, Any], current: dict[str, Any], saved_data: dict[str, str],
                     current_data: dict[str, str]) -> list[str]:
-    """What differs between the interrupted run and this one, in words."""
+    """What differs between the interrupted run and this one, in words; settings marked resumable in the config
+    (they do not change what is learned) may differ."""
+    from .config import TrainConfig, resumable
+
+    may_change = resumable(TrainConfig)
     problems = [f"{key}: {saved_config.get(key)!r} -> {current.get(key)!r}"
                 for key in sorted(set(saved_config) | set(current))
-                if key not in RESUMABLE_CHANGES and saved_config.get(key) != current.get(key)]
+                if key not in may_change and saved_config.get(key) != current.get(key)]
     problems += [f"the --{role} data changed since the checkpoint (sha256 {saved_data.get(role, 'none')[:12]} -> "
                  f"{current_data.get(role, 'none')[:12]})"
                  for role in sorted(set(saved_data) | set(current_data))

@@ -126,3 +126,44 @@ def test_every_shipped_config_loads(path, monkeypatch, tmp_path):
     cfg = config.parse_args(argv)
     for key, value in data.items():
         assert config.to_dict(cfg)[key] == value
+
+
+def _command_configs():
+    from lora_cli.datareport import DataConfig
+    from lora_cli.evaluate import EvalConfig
+    from lora_cli.export import ExportConfig
+    from lora_cli.merge import MergeConfig
+
+    return [config.TrainConfig, EvalConfig, DataConfig, MergeConfig, ExportConfig]
+
+
+def test_shared_options_are_one_declaration_in_every_command():
+    # A flag several commands take has one type, choices and metavar everywhere (only the help's note may differ):
+    # lora-eval accepts --attn_implementation auto as lora-train does.
+    from lora_cli.config.fields import types
+
+    seen: dict[str, tuple] = {}
+    for cls in _command_configs():
+        kinds = types(cls)
+        for f in dataclasses.fields(cls):
+            shape = (kinds[f.name], f.metadata["choices"], f.metadata["metavar"])
+            if f.name in seen and f.name != "adapter":  # lora-eval compares several, lora-train starts from one
+                assert seen[f.name] == shape, (cls.PROG, f.name)
+            seen.setdefault(f.name, shape)
+    assert "auto" in seen["attn_implementation"][1]
+
+
+def test_cli_only_and_resumable_are_field_metadata(data_file, tmp_path):
+    from lora_cli import checkpoints
+
+    cli_only = config.cli_only(config.TrainConfig)
+    assert {"config", "debug", "dry_run", "resume", "resume_from_checkpoint", "resume_force"} == cli_only
+    cfg = config.parse_args(base_args(data_file, tmp_path) + ["--dry_run", "--debug"])
+    assert not cli_only & set(config.to_dict(cfg))  # flags only: never saved
+    yml = tmp_path / "c.yaml"
+    yml.write_text("resume: true\n")
+    with pytest.raises(UsageError, match="unknown key 'resume'"):  # nor YAML keys
+        config.parse_args(["--config", str(yml)] + base_args(data_file, tmp_path))
+    saved = config.to_dict(cfg)
+    changed = {**saved, "save_steps": 7, "attn_implementation": "eager", "lora_r": 4}
+    assert checkpoints.resume_problems(saved, changed, {}, {}) == ["lora_r: 16 -> 4"]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .. import chat
-from ..config import data_file_problem, opt
+from ..config import data_file_problem, opt, refine, template_problems
+from ..config.options import (DEMO_BASE, OWN_TEMPLATE, BaseModelOptions, RunOptions, TemplateOptions,
+                              TrainDataOptions)
 
 
+# Bases are listed last-group-first: a dataclass takes the fields of its bases in reverse order.
 @dataclass
-class DataConfig:
+class DataConfig(TemplateOptions, TrainDataOptions, BaseModelOptions, RunOptions):
     PROG = "lora-data"
     DESCRIPTION = ("Check a chat dataset before training and show exactly what lora-train will train on: every "
                    "row's schema, a few rows rendered with the trained tokens marked, token and mask statistics, "
@@ -22,23 +24,14 @@ class DataConfig:
               "run": "run"}
 
     # --- data --------------------------------------------------------------------------------------------------------
-    train_path: str = opt("", "Data to check (required): .jsonl/.json/.parquet/.csv with OpenAI messages, ShareGPT "
-                              "conversations, Alpaca or prompt/completion rows.", group="data", metavar="FILE")
-    max_seq_length: int = opt(2048, "Longest tokenised conversation trained on, as in lora-train.", group="data")
-    truncation: str = opt("drop", "What lora-train does with conversations longer than --max_seq_length: drop or "
-                                  "truncate them.", group="data", choices=("drop", "truncate"))
-    chat_template: str = opt("", "Override the model's chat template: 'chatml' or a path to a .jinja file. Empty: "
-                                 "the model's own (ChatML with a warning when it has none).", group="data",
-                             metavar="NAME|PATH")
-    chat_template_kwargs: str = opt("", chat.TEMPLATE_KWARGS_HELP, group="data", metavar="JSON")
-    train_on_inputs: bool = opt(False, "Check the data as lora-train --train_on_inputs trains it: every token, not "
-                                       "only the assistant turns.", group="data")
+    train_path: str = refine(TrainDataOptions, "train_path", note="The data to check.")
+    chat_template: str = refine(TemplateOptions, "chat_template", note=OWN_TEMPLATE)
+    train_on_inputs: bool = refine(TrainDataOptions, "train_on_inputs", note="Checks the data as lora-train "
+                                                                             "--train_on_inputs trains it.")
 
     # --- model -------------------------------------------------------------------------------------------------------
-    base_model: str = opt("", "Base model whose tokenizer and chat template are used (only the tokenizer is loaded): "
-                              "a Hub id, a local Hugging Face folder or a .gguf file. Empty: the embedded demo model "
-                              "(SmolLM2-135M-Instruct, works offline).", group="model", metavar="MODEL")
-    trust_remote_code: bool = opt(False, "Run tokenizer code shipped with the model repository.", group="model")
+    base_model: str = refine(BaseModelOptions, "base_model", note="Only its tokenizer and chat template are loaded. "
+                                                                  + DEMO_BASE)
 
     # --- report ------------------------------------------------------------------------------------------------------
     show: int = opt(3, "Print this many rows as the model sees them, trained tokens marked (0: none).",
@@ -52,19 +45,12 @@ class DataConfig:
                              "unset). Without colour, trained text is wrapped in [[ ]].", group="report",
                      choices=("auto", "always", "never"))
 
-    # --- run ---------------------------------------------------------------------------------------------------------
-    debug: bool = opt(False, "Show full tracebacks and library warnings.", group="run")
-
     def problems(self) -> list[str]:
         problem = data_file_problem("train_path", self.train_path, required=True)
         errors: list[str] = [problem] if problem else []
-        if self.max_seq_length <= 0:
-            errors.append(f"--max_seq_length: must be > 0, got {self.max_seq_length}")
         if self.show < 0:
             errors.append(f"--show: must be >= 0, got {self.show}")
-        if self.chat_template and self.chat_template != "chatml" and not os.path.isfile(self.chat_template):
-            errors.append(f"--chat_template: {self.chat_template!r} is neither 'chatml' nor an existing .jinja file")
-        errors += [p for p in [chat.template_kwargs_problem(self.chat_template_kwargs)] if p]
+        errors += template_problems(self)
         if self.report_dir and os.path.exists(self.report_dir) and not os.path.isdir(self.report_dir):
             errors.append(f"--report_dir {self.report_dir}: exists and is not a folder")
         return errors

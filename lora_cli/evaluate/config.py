@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .. import chat
 from ..adapters import read_adapter
-from ..config import data_file_problem, opt, split_list
+from ..config import data_file_problem, opt, refine, split_list, template_problems
+from ..config.options import BaseModelOptions, ComputeOptions, EvalDataOptions, RunOptions, TemplateOptions
 from ..errors import UsageError
 
 
+# Bases are listed last-group-first: a dataclass takes the fields of its bases in reverse order.
 @dataclass
-class EvalConfig:
+class EvalConfig(TemplateOptions, EvalDataOptions, ComputeOptions, BaseModelOptions, RunOptions):
     PROG = "lora-eval"
     DESCRIPTION = ("Compare a base model with LoRA adapters on held-out chat data, on the same rows: assistant-token "
                    "loss and perplexity exactly as lora-train computes them, and answers to each row's final "
@@ -25,12 +26,10 @@ class EvalConfig:
     output: str = opt("report.json", "Where the JSON report with every number is written; generations.jsonl (each "
                                      "row's prompt, reference and every model's answer) goes into the same folder.",
                       group="run", metavar="FILE")
-    debug: bool = opt(False, "Show full tracebacks and library warnings.", group="run")
 
     # --- models ------------------------------------------------------------------------------------------------------
-    base_model: str = opt("", "Base model: a Hub id, a local Hugging Face folder (a merged model too) or a .gguf "
-                              "file. Empty: the base the adapters record, else the embedded demo model.",
-                          group="model", metavar="MODEL")
+    base_model: str = refine(BaseModelOptions, "base_model", note="A merged model too. Empty: the base the adapters "
+                                                                  "record, else the embedded demo model.")
     adapter: str = opt("", "LoRA adapter folder (as written by lora-train) to evaluate on the base model. Repeat the "
                            "flag, or give a comma-separated list, to compare several.", group="model",
                        metavar="DIR", repeatable=True)
@@ -39,26 +38,17 @@ class EvalConfig:
                                     group="model")
     load_in_8bit: bool | None = opt(None, "Load the base model in 8-bit. Not given: as the adapters were trained.",
                                     group="model")
-    precision: str = opt("auto", "Compute precision. auto: bf16 on GPUs that support it, else fp16 on GPU, fp32 on "
-                                 "CPU.", group="model", choices=("auto", "bf16", "fp16", "fp32"))
-    trust_remote_code: bool = opt(False, "Run model code shipped with the model repository.", group="model")
-    attn_implementation: str = opt("sdpa", "Attention kernel passed to transformers.", group="model",
-                                   choices=("sdpa", "eager", "flash_attention_2", "flash_attention_3"))
 
     # --- data --------------------------------------------------------------------------------------------------------
-    eval_path: str = opt("", "Evaluation data (required), in any format lora-train reads: .jsonl/.json/.parquet/.csv "
-                             "with OpenAI messages, ShareGPT, Alpaca or prompt/completion rows.", group="data",
-                         metavar="FILE")
+    eval_path: str = refine(EvalDataOptions, "eval_path", note="Required.")
     limit: int = opt(0, "Evaluate only the first N rows of --eval_path (0: all).", group="data")
-    max_seq_length: int = opt(2048, "Longest tokenised conversation scored, as in lora-train.", group="data")
-    truncation: str = opt("drop", "Rows longer than --max_seq_length: drop them or truncate them, as lora-train "
-                                  "does. Dropped rows are left out of every metric.", group="data",
-                          choices=("drop", "truncate"))
-    chat_template: str = opt("", "Override the chat template: 'chatml' or a .jinja file. Empty: the template the "
-                                 "adapters were trained with (saved with their tokenizer), else the base model's.",
-                             group="data", metavar="NAME|PATH")
-    chat_template_kwargs: str = opt("", chat.TEMPLATE_KWARGS_HELP + " Empty: those the adapter was trained with "
-                                        "(its run config), else none.", group="data", metavar="JSON")
+    truncation: str = refine(TemplateOptions, "truncation", note="Dropped rows are left out of every metric.")
+    chat_template: str = refine(TemplateOptions, "chat_template", note="Empty: the template the adapters were "
+                                                                       "trained with (saved with their tokenizer), "
+                                                                       "else the base model's.")
+    chat_template_kwargs: str = refine(TemplateOptions, "chat_template_kwargs", note="Empty: those the adapter was "
+                                                                                     "trained with (its run config), "
+                                                                                     "else none.")
 
     # --- generation --------------------------------------------------------------------------------------------------
     max_new_tokens: int = opt(256, "Longest generated answer, in tokens; generation also stops at the chat "
@@ -89,7 +79,7 @@ class EvalConfig:
                               "LoRA), not a checkpoint")
         if self.load_in_4bit and self.load_in_8bit:
             errors.append("--load_in_4bit and --load_in_8bit both set: choose one")
-        for name in ("max_seq_length", "batch_size", "max_new_tokens"):
+        for name in ("batch_size", "max_new_tokens"):
             if getattr(self, name) <= 0:
                 errors.append(f"--{name}: must be > 0, got {getattr(self, name)}")
         if self.limit < 0:
@@ -98,9 +88,7 @@ class EvalConfig:
             errors.append(f"--temperature: must be >= 0 (0: greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             errors.append(f"--top_p: must be in (0, 1], got {self.top_p}")
-        if self.chat_template and self.chat_template != "chatml" and not os.path.isfile(self.chat_template):
-            errors.append(f"--chat_template: {self.chat_template!r} is neither 'chatml' nor an existing .jinja file")
-        errors += [p for p in [chat.template_kwargs_problem(self.chat_template_kwargs)] if p]
+        errors += template_problems(self)
         if not self.output:
             errors.append("--output: empty; give the report's file name, e.g. report.json")
         elif os.path.isdir(self.output):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..chat import template_kwargs_problem
 from ..config import opt
+from ..config.options import RunOptions
 from ..filenames import ADAPTER_CONFIG, MODEL_CONFIG, SAFETENSORS_INDEX, SAFETENSORS_WEIGHTS
 from ..safetensors_io import has_safetensors
 from .source import ARCHS, SUPPORTED
@@ -17,7 +18,7 @@ OUTTYPES = ("f16", "bf16", "q8_0", "q4_0", "f32")
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(RunOptions):
     PROG = "lora-export"
     DESCRIPTION = ("Convert a merged model folder (from lora-merge, or any Hugging Face Llama, Mistral, Qwen2 or "
                    "SmolLM model) to one GGUF file for llama.cpp, Ollama and LM Studio, with its tokenizer and chat "
@@ -43,7 +44,6 @@ class ExportConfig:
     verify: bool = opt(True, "Load OUT back with transformers and compare next-token logits and token ids with the "
                              "source model on chat-formatted prompts; exit 1 beyond tolerance. Skipped with a "
                              "warning when the model would not fit in memory.", group="verify")
-    debug: bool = opt(False, "Show full tracebacks and library warnings.", group="run")
 
     def problems(self) -> list[str]:
         errors = model_dir_problems(self.model_dir) if self.model_dir else \

@@ -7,20 +7,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import adapters
-from ..config import opt
+from ..config import opt, refine
+from ..config.options import BaseModelOptions, RunOptions
 from ..errors import UsageError
 from ..filenames import ADAPTER_CONFIG, MERGE_REPORT, MODEL_CONFIG
 from ..fsutil import existing_ancestor
 
+
+# Bases are listed last-group-first: a dataclass takes the fields of its bases in reverse order.
 @dataclass
-class MergeConfig:
+class MergeConfig(BaseModelOptions, RunOptions):
     PROG = "lora-merge"
     DESCRIPTION = ("Merge a LoRA or QLoRA adapter into its base model and write a standalone model folder "
                    "(safetensors, config, generation config, and the tokenizer with the chat template used in "
                    "training) that loads without peft. The merge streams tensor by tensor, so memory stays near one "
                    "tensor; the result is then checked against base+adapter.")
     EPILOG = "Example: lora-merge runs/demo runs/demo-merged"
-    GROUPS = {"io": "input and output", "merge": "merge", "verify": "verification", "run": "run"}
+    GROUPS = {"io": "input and output", "model": "base model", "merge": "merge", "verify": "verification",
+              "run": "run"}
 
     adapter_dir: str = opt("", "Adapter folder written by lora-train (or any peft LoRA adapter).", group="io",
                            metavar="ADAPTER_DIR", positional=True)
@@ -28,18 +32,17 @@ class MergeConfig:
                        metavar="OUT_DIR", positional=True)
     overwrite: bool = opt(False, "Replace an existing OUT_DIR that holds a model, once the new one is complete.",
                           group="io")
-    base_model: str = opt("", "Base model to merge into: a Hub id, a local Hugging Face folder, a .gguf file or "
-                              "'demo'. Empty: the base the adapter was trained on.", group="merge", metavar="MODEL")
+    base_model: str = refine(BaseModelOptions, "base_model", note="The model merged into ('demo': the embedded "
+                                                                  "demo model). Empty: the base the adapter was "
+                                                                  "trained on.")
     dtype: str = opt("auto", "Precision of the merged weights. auto: that of the base checkpoint.", group="merge",
                      choices=("auto", "bf16", "fp16", "fp32"))
     simulate_nf4: bool = opt(False, "QLoRA adapters: round the base weights through NF4 (as in the 4-bit base the "
                                     "adapter was trained against) before adding the adapter. Off: merge into the "
                                     "full-precision weights.", group="merge")
-    trust_remote_code: bool = opt(False, "Run model code shipped with the base model repository.", group="merge")
     verify: bool = opt(True, "Compare the merged model with base+adapter (peft) on a few prompts and exit 1 beyond "
                              "tolerance. Skipped with a warning when the model would not fit in memory.",
                        group="verify")
-    debug: bool = opt(False, "Show full tracebacks and library warnings.", group="run")
 
     def problems(self) -> list[str]:
         errors: list[str] = []
