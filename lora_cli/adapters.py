@@ -31,8 +31,8 @@ class Adapter:
     @property
     def quantization(self) -> str | None:
         """'4bit' or '8bit' when the adapter was trained on a quantised base (QLoRA), else None."""
-        rc = self.run_config or {}
-        return "4bit" if rc.get("load_in_4bit") else "8bit" if rc.get("load_in_8bit") else None
+        quantization = (self.run_config or {}).get("quantization", "none")
+        return None if quantization == "none" else quantization
 
     @property
     def eval_path(self) -> str:
@@ -76,7 +76,9 @@ def read_adapter(path: str | Path, flag: str = "ADAPTER_DIR") -> Adapter:
     run_config = None
     run_file = p / RUN_CONFIG
     if run_file.is_file():
-        run_config = yaml.safe_load(run_file.read_text(encoding="utf-8")) or {}
+        from .config.runfile import upgrade
+
+        run_config = upgrade(yaml.safe_load(run_file.read_text(encoding="utf-8")) or {})
     return Adapter(p, peft_config, run_config)
 
 

@@ -137,7 +137,9 @@ def check_resume(out: Path, current_config: dict[str, Any], current_data: dict[s
     state = read_state(out)
     if not run_file.is_file() or "data" not in state:
         raise UsageError(f"--resume: {out} holds no lora-train run to resume (no {RUN_CONFIG}/{RUN_STATE})")
-    saved = yaml.safe_load(run_file.read_text(encoding="utf-8")) or {}
+    from .config.runfile import upgrade
+
+    saved = upgrade(yaml.safe_load(run_file.read_text(encoding="utf-8")) or {})
     problems = resume_problems(saved, current_config, state["data"], current_data)
     if problems and not force:
         raise UsageError("--resume: the run changed since its checkpoint: " + "; ".join(problems)

@@ -146,11 +146,13 @@ def test_shared_options_are_one_declaration_in_every_command():
     for cls in _command_configs():
         kinds = types(cls)
         for f in dataclasses.fields(cls):
-            shape = (kinds[f.name], f.metadata["choices"], f.metadata["metavar"])
+            shape = (kinds[f.name], f.metadata["metavar"], f.metadata["switches"], set(f.metadata["choices"] or ()))
             if f.name in seen and f.name != "adapter":  # lora-eval compares several, lora-train starts from one
-                assert seen[f.name] == shape, (cls.PROG, f.name)
+                assert seen[f.name][:3] == shape[:3], (cls.PROG, f.name)
+                # a command may add a choice (lora-eval's --quantization auto: as the adapters were trained)
+                assert seen[f.name][3] <= shape[3] or shape[3] <= seen[f.name][3], (cls.PROG, f.name)
             seen.setdefault(f.name, shape)
-    assert "auto" in seen["attn_implementation"][1]
+    assert "auto" in seen["attn_implementation"][3]
 
 
 def test_cli_only_and_resumable_are_field_metadata(data_file, tmp_path):
@@ -167,3 +169,48 @@ def test_cli_only_and_resumable_are_field_metadata(data_file, tmp_path):
     saved = config.to_dict(cfg)
     changed = {**saved, "save_steps": 7, "attn_implementation": "eager", "lora_r": 4}
     assert checkpoints.resume_problems(saved, changed, {}, {}) == ["lora_r: 16 -> 4"]
+
+
+@pytest.mark.parametrize(("flags", "expected", "typed"), [
+    ([], "none", "--quantization"), (["--quantization", "4bit"], "4bit", "--quantization"),
+    (["--load_in_4bit"], "4bit", "--load_in_4bit"), (["--load_in_8bit"], "8bit", "--load_in_8bit"),
+    (["--no-load_in_4bit"], "none", "--no-load_in_4bit"), (["--load_in_4bit", "--quantization", "4bit"], "4bit", None),
+])
+def test_quantization_is_one_value_with_the_old_flags_as_aliases(data_file, tmp_path, flags, expected, typed):
+    cfg = config.parse_args(base_args(data_file, tmp_path) + flags)
+    assert cfg.quantization == expected
+    assert "load_in_4bit" not in config.to_dict(cfg) and config.to_dict(cfg)["quantization"] == expected
+    if typed:
+        assert config.typed(cfg, "quantization") == typed  # errors name the flag as typed
+
+
+def test_conflicting_quantization_flags_are_reported_by_the_names_typed(data_file, tmp_path):
+    with pytest.raises(UsageError) as exc:
+        config.parse_args(base_args(data_file, tmp_path) + ["--quantization", "8bit", "--load_in_4bit",
+                                                            "--init_lora_weights", "pissa"])
+    assert "--quantization and --load_in_4bit both set: choose one" in str(exc.value)
+    with pytest.raises(UsageError, match="drop --load_in_8bit"):
+        config.parse_args(base_args(data_file, tmp_path) + ["--load_in_8bit", "--init_lora_weights", "olora"])
+
+
+def test_old_run_config_with_load_in_bools_still_loads(data_file, tmp_path):
+    # A run config saved before `quantization` existed: lora-train --config, --resume and the adapter readers take it.
+    from lora_cli import checkpoints
+    from lora_cli.adapters import Adapter
+
+    cfg = config.parse_args(base_args(data_file, tmp_path) + ["--load_in_4bit"])
+    old = {k: v for k, v in config.to_dict(cfg).items() if k != "quantization"}
+    for four, eight, expected in ((True, False, "4bit"), (False, True, "8bit"), (False, False, "none")):
+        saved = tmp_path / f"old-{expected}.yaml"
+        saved.write_text(yaml.safe_dump({**old, "load_in_4bit": four, "load_in_8bit": eight}))
+        again = config.parse_args(["--config", str(saved)])
+        assert again.quantization == expected
+        assert config.to_dict(again) == {**config.to_dict(cfg), "quantization": expected}
+        upgraded = config.runfile.upgrade(yaml.safe_load(saved.read_text()))
+        assert Adapter(tmp_path, {}, upgraded).quantization == (None if expected == "none" else expected)
+    # Resuming an old run with the same settings is no change.
+    old_4bit = config.runfile.upgrade({**old, "load_in_4bit": True, "load_in_8bit": False})
+    assert checkpoints.resume_problems(old_4bit, config.to_dict(cfg), {}, {}) == []
+    saved.write_text(yaml.safe_dump({**old, "load_in_4bit": True, "load_in_8bit": True}))
+    with pytest.raises(UsageError, match="--load_in_4bit and --load_in_8bit both set"):
+        config.parse_args(["--config", str(saved)])

@@ -220,7 +220,7 @@ def test_limit_takes_the_first_rows(tiny_llama, chat_file, tmp_path):
 def test_qlora_adapter_is_evaluated_on_a_4bit_base(memorised, facts, tmp_path, monkeypatch):
     qlora = shutil.copytree(memorised, tmp_path / "qlora")
     run_config = yaml.safe_load((qlora / "run_config.yaml").read_text())
-    (qlora / "run_config.yaml").write_text(yaml.safe_dump({**run_config, "load_in_4bit": True}))
+    (qlora / "run_config.yaml").write_text(yaml.safe_dump({**run_config, "quantization": "4bit"}))
     seen = []
     real = models.load_model
     monkeypatch.setattr(models, "load_model", lambda *a, **k: seen.append(k) or real(*a, **k))
@@ -235,12 +235,15 @@ def test_qlora_adapter_is_evaluated_on_a_4bit_base(memorised, facts, tmp_path, m
 def test_quantisation_flags_override_the_adapters_record(memorised, facts, tmp_path):
     qlora = shutil.copytree(memorised, tmp_path / "qlora")
     run_config = yaml.safe_load((qlora / "run_config.yaml").read_text())
-    (qlora / "run_config.yaml").write_text(yaml.safe_dump({**run_config, "load_in_4bit": True}))
+    # As lora-train saved it before `quantization` existed: two bools.
+    old = {**{k: v for k, v in run_config.items() if k != "quantization"}, "load_in_4bit": True, "load_in_8bit": False}
+    (qlora / "run_config.yaml").write_text(yaml.safe_dump(old))
     adapters = [read_adapter(qlora)]
+    assert adapters[0].quantization == "4bit"
     decide = lambda *flags: evaluate.choose_quantization(eval_config("--eval_path", str(facts), *flags), adapters)
-    assert decide() == "4bit"
-    assert decide("--no-load_in_4bit") is None
-    assert decide("--load_in_8bit") == "8bit"
+    assert decide() == "4bit" == decide("--quantization", "auto")
+    assert decide("--no-load_in_4bit") is None and decide("--quantization", "none") is None
+    assert decide("--load_in_8bit") == "8bit" == decide("--quantization", "8bit")
     with pytest.raises(UsageError, match="differently quantised"):
         evaluate.choose_quantization(eval_config("--eval_path", str(facts)),
                                      adapters + [read_adapter(memorised)])

@@ -135,7 +135,7 @@ def test_qlora_dpo_on_cpu(tiny_llama, pairs, tmp_path):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "qlora"
     assert run_cli(train_args(tiny_llama, pairs, out) + ["--load_in_4bit", "--max_steps", "2"]) == 0
-    assert "load_in_4bit: true" in (out / "run_config.yaml").read_text()
+    assert "quantization: 4bit" in (out / "run_config.yaml").read_text()
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora_weights(out).items())
 
 

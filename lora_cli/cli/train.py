@@ -14,7 +14,7 @@ def _body(argv: list[str], own_process: bool = False) -> None:
     if own_process:  # the lora-train command itself: nothing else in this process will want bitsandbytes
         from ..train.optimizer import hide_unused_bitsandbytes
 
-        hide_unused_bitsandbytes(cfg.load_in_4bit or cfg.load_in_8bit, cfg.optim)
+        hide_unused_bitsandbytes(cfg.quantization != "none", cfg.optim)
     from ..train import train  # heavy imports only after the arguments are known to be good
 
     if not cfg.debug:

@@ -3,7 +3,7 @@
 
     RunOptions        --debug                                        all five commands
     BaseModelOptions  --base_model --trust_remote_code               lora-train, lora-eval, lora-data, lora-merge
-    ComputeOptions    --precision --attn_implementation              lora-train, lora-eval
+    ComputeOptions    --quantization --precision --attn_implementation   lora-train, lora-eval
     TrainDataOptions  --train_path --train_on_inputs                 lora-train, lora-data
     EvalDataOptions   --eval_path                                    lora-train, lora-eval
     TemplateOptions   --max_seq_length --truncation --chat_template --chat_template_kwargs
@@ -36,8 +36,15 @@ class BaseModelOptions:
                                          "transformers is used).", group="model")
 
 
+QUANTIZATIONS = ("none", "4bit", "8bit")
+
+
 @dataclass
 class ComputeOptions:
+    quantization: str = opt("none", "Load the base model quantised with bitsandbytes: 4bit (NF4 with double "
+                                    "quantisation: QLoRA) or 8bit (LLM.int8); none: full precision.", group="model",
+                            choices=QUANTIZATIONS,
+                            switches={"load_in_4bit": ("4bit", "none"), "load_in_8bit": ("8bit", "none")})
     precision: str = opt("auto", "Compute precision. auto: bf16 on GPUs that support it, else fp16 on GPU, fp32 on "
                                  "CPU.", group="model", choices=PRECISIONS)
     attn_implementation: str = opt("auto", "Attention kernel passed to transformers. auto: flash_attention_2 on "

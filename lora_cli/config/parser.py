@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import sys
 from typing import Any
 
 from ..errors import UsageError
-from .fields import cli_only, fields, types
+from .fields import cli_only, fields, names, switches, types
 from .runfile import read_yaml
 from .validation import validate
 from .values import coerce
@@ -35,17 +36,22 @@ def build_parser(cls: type | None = None) -> argparse.ArgumentParser:
         if meta.get("positional"):  # optional for argparse: a missing one is reported with every other problem
             group.add_argument(f.name, nargs="?", metavar=meta["metavar"] or f.name.upper(), help=meta["help"])
             continue
+        flags = [f"--{name}" for name in (f.name, *meta.get("aliases", ()))]
         help_text = meta["help"] + (f" (default: {f.default!r})" if not isinstance(f.default, bool) else "")
         if kind is bool:
             default = "" if f.default is None else f" (default: {'on' if f.default else 'off'})"
-            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=meta["help"] + default)
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
+                               help=meta["help"] + default)
         else:
             metavar = meta["metavar"] or ("{" + ",".join(meta["choices"]) + "}" if meta["choices"] else
                                           kind.__name__.upper())
             # Values stay strings here: coerce checks types and validate() checks choices, so that every
             # problem is reported at once instead of argparse stopping at the first.
-            group.add_argument(f"--{f.name}", type=str, metavar=metavar, help=help_text,
+            group.add_argument(*flags, dest=f.name, type=str, metavar=metavar, help=help_text,
                                action="append" if meta.get("repeatable") else "store")
+        for name, (on, off) in meta.get("switches", {}).items():
+            group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction,
+                               help=f"--{f.name} {on} (--no-{name}: --{f.name} {off}).")
     return parser
 
 
@@ -57,11 +63,34 @@ def suggest(name: str, known: list[str]) -> str:
 def parse_args(argv: list[str] | None = None, cls: type | None = None) -> Any:
     """Parse flags (and the YAML they name), validate everything, and raise one UsageError listing every problem."""
     cls = cls or _default_cls()
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(cls)
     ns, unknown = parser.parse_known_args(argv)
     given = vars(ns)
-    errors: list[str] = []
-    known_flags = [f"--{f.name}" for f in fields(cls) if not f.metadata.get("positional")]
+    errors = _unknown_tokens(unknown, cls)
+    values: dict[str, Any] = {}
+    typed: dict[str, str] = {}
+    config_path = given.get("config", "")
+    if config_path:
+        values.update(_layer(read_yaml(config_path, errors), cls, f"--config {config_path}: ", errors, typed))
+    flags = {key: ",".join(value) if isinstance(value, list) else value  # a repeatable flag given several times
+             for key, value in given.items()}
+    typed.update(_typed_flags(argv, cls))
+    values.update(_layer(flags, cls, "--", errors, typed))
+
+    cfg = cls(**values)
+    cfg._typed = typed  # not a field: which alias or switch named a field, for the messages below
+    errors.extend(validate(cfg))
+    if errors:
+        raise UsageError("\n".join(errors) if len(errors) == 1 else
+                         f"{len(errors)} problems with the arguments:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def _unknown_tokens(unknown: list[str], cls: type) -> list[str]:
+    errors = []
+    known_flags = [f"--{name}" for name in [*names(cls), *switches(cls)]
+                   if not (name in cls.__dataclass_fields__ and cls.__dataclass_fields__[name].metadata["positional"])]
     after_flag = False
     for token in unknown:
         if token.startswith("-"):
@@ -72,34 +101,66 @@ def parse_args(argv: list[str] | None = None, cls: type | None = None) -> Any:
             errors.append(f"unexpected argument {token!r} (every option is a --flag)")
         else:
             after_flag = False
+    return errors
 
-    kinds = types(cls)
-    flags_only = cli_only(cls)
+
+def _typed_flags(argv: list[str], cls: type) -> dict[str, str]:
+    """Field -> the alias it was given by on the command line (the last one wins, as in argparse)."""
+    by_name = names(cls)
+    typed = {}
+    for token in argv:
+        name = token[2:].split("=", 1)[0] if token.startswith("--") else ""
+        if by_name.get(name, name) != name:
+            typed[by_name[name]] = f"--{name}"
+    return typed
+
+
+def _layer(given: dict[str, Any], cls: type, where: str, errors: list[str], typed: dict[str, str]) -> dict[str, Any]:
+    """One source of values (the --config YAML, or the flags; `where` prefixes their names in messages) as field
+    values: aliases resolved, switches turned into the value they set, every value converted to its field's type."""
+    by_name, switch, kinds = names(cls), switches(cls), types(cls)
+    yaml = where != "--"
+    skip = cli_only(cls) if yaml else set()
     nullable = {f.name: f.default is None for f in fields(cls)}
     values: dict[str, Any] = {}
-    config_path = given.get("config", "")
-    if config_path:
-        for key, value in read_yaml(config_path, errors).items():
-            if key not in kinds or key in flags_only:
-                errors.append(f"--config {config_path}: unknown key '{key}'{suggest(str(key), list(kinds))}")
-                continue
-            coerced, err = coerce(key, value, kinds[key], f"--config {config_path}: {key}", nullable[key])
+    set_by: dict[str, list[tuple[str, str]]] = {}  # field -> [(value, flag)] from the field itself and switches on
+    off: dict[str, tuple[str, str]] = {}  # field -> (value, flag) of a switch turned off
+    for key, value in given.items():
+        label = f"{where}{key}"
+        if key in switch:
+            name, on_value, off_value = switch[key]
+            flag, err = coerce(key, value, bool, label)
             if err:
                 errors.append(err)
+            elif flag:
+                set_by.setdefault(name, []).append((on_value, f"--{key}"))
             else:
-                values[key] = coerced
-    for key, value in given.items():
-        if isinstance(value, list):  # a repeatable flag given several times
-            value = ",".join(value)
-        coerced, err = coerce(key, value, kinds[key], f"--{key}", nullable[key])
+                off.setdefault(name, (off_value, f"--no-{key}"))
+            continue
+        name = by_name.get(key)
+        if name is None or name in skip:
+            if yaml:
+                known = [k for k in [*by_name, *switch] if k not in skip]
+                errors.append(f"{where}unknown key '{key}'{suggest(str(key), known)}")
+            continue
+        if yaml and name != key:
+            typed[name] = f"--{key}"
+        if name in values and yaml:
+            errors.append(f"{where}{key}: given twice (as {typed.get(name, name)} and {name})")
+        coerced, err = coerce(name, value, kinds[name], label, nullable[name])
         if err:
             errors.append(err)
+            continue
+        values[name] = coerced
+        if cls.__dataclass_fields__[name].metadata.get("switches"):
+            set_by.setdefault(name, []).append((coerced, typed.get(name, f"--{name}")))
+    for name, choices in set_by.items():
+        distinct = dict.fromkeys(value for value, _ in choices)
+        if len(distinct) > 1:
+            errors.append(f"{' and '.join(flag for _, flag in choices)} both set: choose one")
         else:
-            values[key] = coerced
-
-    cfg = cls(**values)
-    errors.extend(validate(cfg))
-    if errors:
-        raise UsageError("\n".join(errors) if len(errors) == 1 else
-                         f"{len(errors)} problems with the arguments:\n  " + "\n  ".join(errors))
-    return cfg
+            values[name], typed[name] = choices[-1]
+    for name, (value, flag) in off.items():
+        if name not in set_by:
+            values[name], typed[name] = value, flag
+    return values

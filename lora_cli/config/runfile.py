@@ -31,6 +31,15 @@ def read_yaml(path: str, errors: list[str]) -> dict[str, Any]:
     return data
 
 
+def upgrade(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run config saved by an older lora-train, in today's keys: load_in_4bit/load_in_8bit became quantization."""
+    if "quantization" in saved or not {"load_in_4bit", "load_in_8bit"} & set(saved):
+        return saved
+    rest = {k: v for k, v in saved.items() if k not in ("load_in_4bit", "load_in_8bit")}
+    quantization = "4bit" if saved.get("load_in_4bit") else "8bit" if saved.get("load_in_8bit") else "none"
+    return {**rest, "quantization": quantization}
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The run config as saved next to the adapter; it is itself a valid --config file."""
     skip = cli_only(type(cfg))

@@ -47,9 +47,6 @@ class TrainConfig(TemplateOptions, EvalDataOptions, TrainDataOptions, ComputeOpt
 
     # --- model -------------------------------------------------------------------------------------------------------
     base_model: str = refine(BaseModelOptions, "base_model", note=DEMO_BASE)
-    load_in_4bit: bool = opt(False, "QLoRA: load the base model in 4-bit NF4 with double quantisation "
-                                    "(bitsandbytes).", group="model")
-    load_in_8bit: bool = opt(False, "Load the base model in 8-bit (bitsandbytes LLM.int8).", group="model")
     precision: str = refine(ComputeOptions, "precision", note="bf16/fp16 are mixed: the adapter weights stay fp32.")
 
     # --- data --------------------------------------------------------------------------------------------------------

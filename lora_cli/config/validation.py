@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from ..chat import template_kwargs_problem
+from .fields import typed
 from .train import LOSS_TYPES
 
 
@@ -18,7 +19,7 @@ def validate(cfg: Any) -> list[str]:
         choices = f.metadata["choices"]
         value = getattr(cfg, f.name)
         if choices and value not in choices:
-            errors.append(f"--{f.name}: {value!r} is not one of {', '.join(choices)}")
+            errors.append(f"{typed(cfg, f.name)}: {value!r} is not one of {', '.join(choices)}")
     return errors + cfg.problems()
 
 
@@ -35,7 +36,7 @@ def template_problems(cfg: Any) -> list[str]:
     if cfg.chat_template and cfg.chat_template != "chatml" and not os.path.isfile(cfg.chat_template):
         errors.append(f"--chat_template: {cfg.chat_template!r} is neither 'chatml' nor an existing .jinja file")
     if cfg.max_seq_length <= 0:
-        errors.append(f"--max_seq_length: must be > 0, got {cfg.max_seq_length}")
+        errors.append(f"{typed(cfg, 'max_seq_length')}: must be > 0, got {cfg.max_seq_length}")
     return errors + [p for p in [template_kwargs_problem(cfg.chat_template_kwargs)] if p]
 
 
@@ -54,19 +55,17 @@ def train_problems(cfg: Any) -> list[str]:
         errors.append("--eval_path and --val_split both set: choose one source of evaluation data")
     if not 0 <= cfg.val_split < 1:
         errors.append(f"--val_split: must be in [0, 1), got {cfg.val_split}")
-    if cfg.load_in_4bit and cfg.load_in_8bit:
-        errors.append("--load_in_4bit and --load_in_8bit both set: choose one")
-    if (cfg.load_in_4bit or cfg.load_in_8bit) and cfg.init_lora_weights in ("pissa", "olora"):
+    if cfg.quantization != "none" and cfg.init_lora_weights in ("pissa", "olora"):
         errors.append(f"--init_lora_weights {cfg.init_lora_weights} needs full-precision base weights: drop it or "
-                      "drop --load_in_4bit/--load_in_8bit")
+                      f"drop {typed(cfg, 'quantization')}")
     errors += template_problems(cfg)
     positive = ("lora_r", "lora_alpha", "batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps")
     for name in positive:
         if getattr(cfg, name) <= 0:
-            errors.append(f"--{name}: must be > 0, got {getattr(cfg, name)}")
+            errors.append(f"{typed(cfg, name)}: must be > 0, got {getattr(cfg, name)}")
     for name in ("eval_steps", "save_total_limit", "weight_decay", "max_grad_norm", "tokens_per_batch"):
         if getattr(cfg, name) < 0:
-            errors.append(f"--{name}: must be >= 0, got {getattr(cfg, name)}")
+            errors.append(f"{typed(cfg, name)}: must be >= 0, got {getattr(cfg, name)}")
     if cfg.learning_rate <= 0:
         errors.append(f"--learning_rate: must be > 0, got {cfg.learning_rate}")
     if not 0 <= cfg.lora_dropout < 1:
@@ -78,7 +77,7 @@ def train_problems(cfg: Any) -> list[str]:
     if cfg.max_steps == -1 and cfg.num_train_epochs <= 0:
         errors.append(f"--num_train_epochs: must be > 0, got {cfg.num_train_epochs}")
     if not split_list(cfg.target_modules):
-        errors.append("--target_modules: empty; use all-linear or a list such as q_proj,v_proj")
+        errors.append(f"{typed(cfg, 'target_modules')}: empty; use all-linear or a list such as q_proj,v_proj")
     return errors + _preference_problems(cfg)
 
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from ..adapters import read_adapter
 from ..config import data_file_problem, opt, refine, split_list, template_problems
-from ..config.options import BaseModelOptions, ComputeOptions, EvalDataOptions, RunOptions, TemplateOptions
+from ..config.options import (QUANTIZATIONS, BaseModelOptions, ComputeOptions, EvalDataOptions, RunOptions,
+                              TemplateOptions)
 from ..errors import UsageError
 
 
@@ -33,11 +34,9 @@ class EvalConfig(TemplateOptions, EvalDataOptions, ComputeOptions, BaseModelOpti
     adapter: str = opt("", "LoRA adapter folder (as written by lora-train) to evaluate on the base model. Repeat the "
                            "flag, or give a comma-separated list, to compare several.", group="model",
                        metavar="DIR", repeatable=True)
-    load_in_4bit: bool | None = opt(None, "Load the base model in 4-bit NF4 (QLoRA). Not given: as the adapters were "
-                                          "trained; --no-load_in_4bit evaluates on full-precision weights.",
-                                    group="model")
-    load_in_8bit: bool | None = opt(None, "Load the base model in 8-bit. Not given: as the adapters were trained.",
-                                    group="model")
+    quantization: str = refine(ComputeOptions, "quantization", default="auto", choices=("auto", *QUANTIZATIONS),
+                               note="auto: as the adapters were trained; none (or --no-load_in_4bit) evaluates on "
+                                    "full-precision weights.")
 
     # --- data --------------------------------------------------------------------------------------------------------
     eval_path: str = refine(EvalDataOptions, "eval_path", note="Required.")
@@ -77,8 +76,6 @@ class EvalConfig(TemplateOptions, EvalDataOptions, ComputeOptions, BaseModelOpti
                 errors.append(f"--adapter {path}: saved as trained with init_lora_weights {init}, right only on the "
                               "base that modified; evaluate the final adapter lora-train saves (converted to plain "
                               "LoRA), not a checkpoint")
-        if self.load_in_4bit and self.load_in_8bit:
-            errors.append("--load_in_4bit and --load_in_8bit both set: choose one")
         for name in ("batch_size", "max_new_tokens"):
             if getattr(self, name) <= 0:
                 errors.append(f"--{name}: must be > 0, got {getattr(self, name)}")

@@ -82,20 +82,21 @@ def spec_name(spec: str) -> str:
 
 
 def choose_quantization(cfg: EvalConfig, adapters: list[Adapter]) -> str | None:
-    """Either quantisation flag decides; when neither is given, the base is loaded as the adapters were trained."""
-    if cfg.load_in_4bit is not None or cfg.load_in_8bit is not None:
-        return "4bit" if cfg.load_in_4bit else "8bit" if cfg.load_in_8bit else None
+    """--quantization (or --load_in_4bit/--load_in_8bit/--no-...) decides; when not given (auto), the base is loaded
+    as the adapters were trained."""
+    if cfg.quantization != "auto":
+        return None if cfg.quantization == "none" else cfg.quantization
     recorded: dict[str | None, list[str]] = {}
     for adapter in adapters:
         recorded.setdefault(adapter.quantization, []).append(str(adapter.path))
     if len(recorded) > 1:
         listing = "; ".join(f"{', '.join(paths)}: {q or 'full precision'}" for q, paths in recorded.items())
         raise UsageError(f"--adapter: the adapters were trained on differently quantised bases ({listing}); pass "
-                         "--load_in_4bit, --load_in_8bit or --no-load_in_4bit to evaluate them all one way")
+                         "--quantization 4bit, 8bit or none to evaluate them all one way")
     quantization = next(iter(recorded), None)
     if quantization:
-        log.info("loading the base in %s as the adapters were trained (QLoRA); --no-%s evaluates on full-precision "
-                 "weights", quantization, "load_in_4bit" if quantization == "4bit" else "load_in_8bit")
+        log.info("loading the base in %s as the adapters were trained (QLoRA); --quantization none evaluates on "
+                 "full-precision weights", quantization)
     return quantization
 
 

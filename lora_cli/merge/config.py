@@ -66,7 +66,7 @@ class MergeConfig(BaseModelOptions, RunOptions):
         if adapter is not None and self.simulate_nf4 and adapter.run_config is not None \
                 and adapter.quantization != "4bit":
             errors.append(f"--simulate_nf4: {self.adapter_dir} was trained on a full-precision base (its run config "
-                          "has no load_in_4bit), so there is no NF4 base to reproduce")
+                          "has no quantization 4bit), so there is no NF4 base to reproduce")
         return errors
 
 

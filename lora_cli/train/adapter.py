@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 from .. import attention
 from ..adapters import BASE_MODIFYING_INITS
-from ..config import TrainConfig, split_list
+from ..config import TrainConfig, split_list, typed
 from ..errors import UsageError
 from .plan import StepPlan
 
@@ -17,18 +17,17 @@ log = logging.getLogger("lora_cli")
 
 
 def check_quantization_available(cfg: TrainConfig) -> None:
-    if cfg.load_in_4bit or cfg.load_in_8bit:
+    if cfg.quantization != "none":
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            flag = "--load_in_4bit" if cfg.load_in_4bit else "--load_in_8bit"
-            raise UsageError(f"{flag} needs bitsandbytes: pip install bitsandbytes") from None
+            raise UsageError(f"{typed(cfg, 'quantization')} needs bitsandbytes: pip install bitsandbytes") from None
 
 
 def attach_lora(model: Any, cfg: TrainConfig) -> Any:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if cfg.load_in_4bit or cfg.load_in_8bit:
+    if cfg.quantization != "none":
         # Casts norms to fp32 and enables input gradients, which gradient checkpointing on a frozen base needs.
         # Gradient checkpointing is left to the trainer (decided once the adapter's size is known); non-reentrant
         # checkpointing needs no input gradients.

@@ -45,12 +45,12 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     data_hashes = checkpoints.fingerprint(train_path=cfg.train_path, eval_path=cfg.eval_path)
     resume_from = find_resume_checkpoint(cfg, out, data_hashes) if resuming else None
     log.info("loading %s (%s%s)", prepared.base.display, precision,
-             ", 4-bit NF4" if cfg.load_in_4bit else ", 8-bit" if cfg.load_in_8bit else "")
+             {"4bit": ", 4-bit NF4", "8bit": ", 8-bit"}.get(cfg.quantization, ""))
     from transformers import set_seed
 
     set_seed(cfg.seed)  # the trainer seeds only later: without this the adapter's initial weights vary per run
-    model = models.load_model(prepared.base, precision=precision, load_in_4bit=cfg.load_in_4bit,
-                              load_in_8bit=cfg.load_in_8bit, trust_remote_code=cfg.trust_remote_code,
+    model = models.load_model(prepared.base, precision=precision, load_in_4bit=cfg.quantization == "4bit",
+                              load_in_8bit=cfg.quantization == "8bit", trust_remote_code=cfg.trust_remote_code,
                               attn_implementation=cfg.attn_implementation)
     model = attach_lora(model, cfg)
     check_disk_space(out, model, cfg.save_total_limit)
@@ -90,7 +90,7 @@ def dry_run(cfg: TrainConfig, prepared: Prepared, precision: str, plan_steps: An
     log.info("dry run: %s optimizer steps of %d conversations (micro-batches of %d x accumulation %d)", steps,
              cfg.batch_size * cfg.gradient_accumulation_steps, plan.micro_batch, plan.accumulation)
     log.info("GPU memory per device, %s%s, micro-batch %d x %d tokens%s:\n%s", precision,
-             " + 4-bit base" if cfg.load_in_4bit else " + 8-bit base" if cfg.load_in_8bit else "", plan.micro_batch,
+             {"4bit": " + 4-bit base", "8bit": " + 8-bit base"}.get(cfg.quantization, ""), plan.micro_batch,
              plan.seq_len, ", gradient checkpointing" if plan.gradient_checkpointing else "", "\n".join(est.lines()))
     return {"dry_run": True, "optimizer_steps": steps, "trainable_params": est.trainable_params,
             "total_params": est.total_params, "estimated_peak_bytes": est.total, "data": stats.as_dict()}

@@ -31,7 +31,7 @@ class StepPlan:
 
 
 def quantization(cfg: TrainConfig) -> str | None:
-    return "4bit" if cfg.load_in_4bit else "8bit" if cfg.load_in_8bit else None
+    return None if cfg.quantization == "none" else cfg.quantization
 
 
 def step_plan(cfg: TrainConfig, model: Any, precision: str, stats: EncodeStats) -> StepPlan:
