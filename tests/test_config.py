@@ -214,3 +214,69 @@ def test_old_run_config_with_load_in_bools_still_loads(data_file, tmp_path):
     saved.write_text(yaml.safe_dump({**old, "load_in_4bit": True, "load_in_8bit": True}))
     with pytest.raises(UsageError, match="--load_in_4bit and --load_in_8bit both set"):
         config.parse_args(["--config", str(saved)])
+
+
+def test_trl_names_are_aliases(data_file, tmp_path):
+    # The names users bring from TRL/transformers scripts, as flags and as YAML keys, set our fields.
+    cfg = config.parse_args(base_args(data_file, tmp_path) + [
+        "--max_length", "512", "--per_device_train_batch_size", "2", "--lora_target_modules", "q_proj,v_proj",
+        "--model_name_or_path", "some/model", "--no-assistant_only_loss", "--lora_modules_to_save", "lm_head"])
+    assert (cfg.max_seq_length, cfg.batch_size, cfg.target_modules) == (512, 2, "q_proj,v_proj")
+    assert (cfg.base_model, cfg.train_on_inputs, cfg.modules_to_save) == ("some/model", True, "lm_head")
+    assert config.parse_args(base_args(data_file, tmp_path) + ["--assistant_only_loss"]).train_on_inputs is False
+    yml = tmp_path / "trl.yaml"
+    yml.write_text(yaml.safe_dump({"max_length": 256, "lora_target_modules": ["q_proj"], "assistant_only_loss": False,
+                                   "per_device_train_batch_size": 3}))
+    cfg = config.parse_args(["--config", str(yml)] + base_args(data_file, tmp_path))
+    assert (cfg.max_seq_length, cfg.target_modules, cfg.train_on_inputs, cfg.batch_size) == (256, "q_proj", True, 3)
+    assert "max_length" not in config.to_dict(cfg)  # saved under our names
+    # Errors name the flag as typed.
+    with pytest.raises(UsageError) as exc:
+        config.parse_args(base_args(data_file, tmp_path) + ["--max_length", "0", "--per_device_train_batch_size", "0"])
+    assert "--max_length: must be > 0" in str(exc.value)
+    assert "--per_device_train_batch_size: must be > 0" in str(exc.value)
+    # lora-eval and lora-data share the option groups, and so the aliases.
+    from lora_cli.datareport import DataConfig
+
+    data = config.parse_args(["--train_path", str(data_file), "--max_length", "64", "--assistant_only_loss"],
+                             cls=DataConfig)
+    assert (data.max_seq_length, data.train_on_inputs) == (64, False)
+
+
+def test_trainer_args_pass_through_checked_against_trl(data_file, tmp_path):
+    cfg = config.parse_args(base_args(data_file, tmp_path) + ["--trainer_args",
+                                                              "neftune_noise_alpha=5,eval_strategy=no"])
+    assert config.trainer_args.parse(cfg.trainer_args)[0] == {"neftune_noise_alpha": 5, "eval_strategy": "no"}
+    assert config.trainer_args.apply(cfg, {"eval_strategy": "steps", "seed": 1}) == \
+        {"eval_strategy": "no", "seed": 1, "neftune_noise_alpha": 5}
+    json_cfg = config.parse_args(base_args(data_file, tmp_path) + ["--trainer_args", '{"neftune_noise_alpha": 5}'])
+    assert config.trainer_args.parse(json_cfg.trainer_args)[0] == {"neftune_noise_alpha": 5}
+    yml = tmp_path / "c.yaml"
+    yml.write_text(yaml.safe_dump({"trainer_args": {"neftune_noise_alpha": 5}}))
+    from_yaml = config.parse_args(["--config", str(yml)] + base_args(data_file, tmp_path))
+    assert config.trainer_args.parse(from_yaml.trainer_args)[0] == {"neftune_noise_alpha": 5}
+    saved = tmp_path / "run_config.yaml"
+    config.save(from_yaml, saved)
+    assert config.to_dict(config.parse_args(["--config", str(saved)])) == config.to_dict(from_yaml)
+    # DPO fields are checked against DPOConfig, not SFTConfig.
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    dpo = config.parse_args(["--train_path", str(pairs), "--output_dir", str(tmp_path / "o"), "--method", "dpo",
+                             "--trainer_args", "label_smoothing=0.1"])
+    assert config.trainer_args.parse(dpo.trainer_args)[0] == {"label_smoothing": 0.1}
+    with pytest.raises(UsageError, match="label_smoothing: not a field of TRL's SFTConfig"):
+        config.parse_args(base_args(data_file, tmp_path) + ["--trainer_args", "label_smoothing=0.1"])
+
+
+def test_unknown_trainer_args_name_is_one_line_exit_2(data_file, tmp_path, capsys):
+    assert run_cli(base_args(data_file, tmp_path) + ["--trainer_args", "neftune_alpha=5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lora-train: error: --trainer_args neftune_alpha: not a field of TRL's SFTConfig "
+                   "(did you mean neftune_noise_alpha?)"]
+    with pytest.raises(UsageError) as exc:
+        config.parse_args(base_args(data_file, tmp_path) + ["--trainer_args", "learning_rate=1,max_length=9,oops"])
+    assert "--trainer_args: 'oops' is not name=value" in str(exc.value)
+    with pytest.raises(UsageError) as exc:
+        config.parse_args(base_args(data_file, tmp_path) + ["--trainer_args", "learning_rate=1,max_length=9"])
+    assert "--trainer_args learning_rate: lora-train's own --learning_rate" in str(exc.value)
+    assert "--trainer_args max_length: lora-train's own --max_seq_length" in str(exc.value)

@@ -422,3 +422,13 @@ def test_a_lora_train_process_without_quantisation_never_imports_bitsandbytes(ti
     assert "exit 0 bitsandbytes False" in done.stdout, done.stderr[-2000:]
     assert "optimizer: torch's AdamW for --optim paged_adamw_32bit" in done.stderr
     assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
+
+
+def test_trainer_args_reach_trls_config(tiny_llama, chat_file, tmp_path, caplog):
+    # --trainer_args sets SFTConfig fields lora-train has no flag for, and may replace one it chose (with a warning).
+    caplog.set_level("WARNING", logger="lora_cli")
+    _, _, trainer = build(tiny_llama, chat_file, tmp_path / "out", "--trainer_args",
+                          "neftune_noise_alpha=5,logging_first_step=true,ddp_find_unused_parameters=true")
+    assert trainer.args.neftune_noise_alpha == 5 and trainer.args.logging_first_step is True
+    assert trainer.args.ddp_find_unused_parameters is True
+    assert "--trainer_args ddp_find_unused_parameters=True replaces lora-train's False" in caplog.text

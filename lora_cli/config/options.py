@@ -31,7 +31,7 @@ class RunOptions:
 @dataclass
 class BaseModelOptions:
     base_model: str = opt("", "Base model: a Hub id, a local Hugging Face folder or a .gguf file.", group="model",
-                          metavar="MODEL")
+                          metavar="MODEL", aliases=("model_name_or_path",))
     trust_remote_code: bool = opt(False, "Run model code shipped with the model repository (off: only code in "
                                          "transformers is used).", group="model")
 
@@ -57,7 +57,8 @@ class ComputeOptions:
 class TrainDataOptions:
     train_path: str = opt("", f"Training data (required): {DATA_FORMATS}.", group="data", metavar="FILE")
     train_on_inputs: bool = opt(False, "Train on every token (system and user text too) instead of only the "
-                                       "assistant turns and their end-of-turn token.", group="data")
+                                       "assistant turns and their end-of-turn token.", group="data",
+                                switches={"assistant_only_loss": (False, True)})
 
 
 @dataclass
@@ -68,7 +69,7 @@ class EvalDataOptions:
 @dataclass
 class TemplateOptions:
     max_seq_length: int = opt(2048, "Longest tokenised conversation trained on (and scored, in lora-eval).",
-                              group="data")
+                              group="data", aliases=("max_length",))
     truncation: str = opt("drop", "What happens to conversations longer than --max_seq_length: drop them, or "
                                   "truncate them (their end is lost). Either way the count is reported.",
                           group="data", choices=("drop", "truncate"))

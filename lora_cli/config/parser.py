@@ -51,8 +51,13 @@ def build_parser(cls: type | None = None) -> argparse.ArgumentParser:
                                action="append" if meta.get("repeatable") else "store")
         for name, (on, off) in meta.get("switches", {}).items():
             group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction,
-                               help=f"--{f.name} {on} (--no-{name}: --{f.name} {off}).")
+                               help=f"{_setting(f.name, on)} (--no-{name}: {_setting(f.name, off)}).")
     return parser
+
+
+def _setting(name: str, value: Any) -> str:
+    """A field set to a value, as flags: --quantization 4bit, --train_on_inputs, --no-train_on_inputs."""
+    return f"--{'' if value else 'no-'}{name}" if isinstance(value, bool) else f"--{name} {value}"
 
 
 def suggest(name: str, known: list[str]) -> str:

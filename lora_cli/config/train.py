@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .fields import opt, refine
+from .trainer_args import HELP as TRAINER_ARGS_HELP
 from .options import (DEMO_BASE, OWN_TEMPLATE, BaseModelOptions, ComputeOptions, EvalDataOptions, RunOptions,
                       TemplateOptions, TrainDataOptions)
 
@@ -65,13 +66,15 @@ class TrainConfig(TemplateOptions, EvalDataOptions, TrainDataOptions, ComputeOpt
                           group="lora")
     lora_dropout: float = opt(0.05, "Dropout on the LoRA input.", group="lora")
     target_modules: str = opt("all-linear", "Modules that get adapters: 'all-linear' or a comma-separated list "
-                                            "such as q_proj,v_proj.", group="lora", metavar="MODULES")
+                                            "such as q_proj,v_proj.", group="lora", metavar="MODULES",
+                              aliases=("lora_target_modules",))
     use_rslora: bool = opt(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).", group="lora")
     use_dora: bool = opt(False, "Weight-decomposed LoRA (DoRA).", group="lora")
     init_lora_weights: str = opt("default", "Initialisation of the adapter weights.", group="lora",
                                  choices=("default", "gaussian", "pissa", "olora"))
     modules_to_save: str = opt("", "Comma-separated modules trained in full and saved with the adapter (e.g. "
-                                   "embed_tokens,lm_head).", group="lora", metavar="MODULES")
+                                   "embed_tokens,lm_head).", group="lora", metavar="MODULES",
+                               aliases=("lora_modules_to_save",))
 
     # --- training ----------------------------------------------------------------------------------------------------
     learning_rate: float = opt(1e-4, "Peak learning rate.", group="training")
@@ -79,7 +82,8 @@ class TrainConfig(TemplateOptions, EvalDataOptions, TrainDataOptions, ComputeOpt
                                   group="training")
     max_steps: int = opt(-1, "Stop after this many optimizer steps (-1: use --num_train_epochs).",
                          group="training")
-    batch_size: int = opt(1, "Conversations per device per micro-batch.", group="training")
+    batch_size: int = opt(1, "Conversations per device per micro-batch.", group="training",
+                          aliases=("per_device_train_batch_size",))
     gradient_accumulation_steps: int = opt(4, "Micro-batches per optimizer step.", group="training")
     optim: str = opt("paged_adamw_32bit", "Optimizer (any name transformers accepts, e.g. adamw_torch).",
                      group="training")
@@ -100,6 +104,7 @@ class TrainConfig(TemplateOptions, EvalDataOptions, TrainDataOptions, ComputeOpt
     packing: bool = opt(False, "Pack conversations into sequences of --max_seq_length tokens, padding-free, with no "
                                "attention across conversations (fewer, fuller optimizer steps).", group="training")
     seed: int = opt(42, "Random seed for data order, splits and adapter initialisation.", group="training")
+    trainer_args: str = opt("", TRAINER_ARGS_HELP, group="training", metavar="K=V,...|JSON")
 
     # --- preference tuning -------------------------------------------------------------------------------------------
     method: str = opt("sft", "What to train on: sft (chat rows), dpo or orpo (rows with prompt, chosen, rejected) or "

@@ -78,7 +78,9 @@ def train_problems(cfg: Any) -> list[str]:
         errors.append(f"--num_train_epochs: must be > 0, got {cfg.num_train_epochs}")
     if not split_list(cfg.target_modules):
         errors.append(f"{typed(cfg, 'target_modules')}: empty; use all-linear or a list such as q_proj,v_proj")
-    return errors + _preference_problems(cfg)
+    from . import trainer_args
+
+    return errors + _preference_problems(cfg) + trainer_args.problems(cfg)
 
 
 def _preference_problems(cfg: Any) -> list[str]:

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 # String fields that also take a YAML mapping (given as JSON text on the command line) or a YAML list.
-MAPPING_FIELDS = ("chat_template_kwargs",)
+MAPPING_FIELDS = ("chat_template_kwargs", "trainer_args")
 LIST_FIELDS = ("target_modules", "modules_to_save")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import chat, data, models
-from ..config import LOSS_TYPES, TrainConfig
+from ..config import LOSS_TYPES, TrainConfig, trainer_args
 from ..train.dataset import Prepared
 from ..train.plan import StepPlan, decide_gradient_checkpointing
 from ..train.trainer import LoraCliTrainer, check_launch, training_arguments
@@ -82,7 +82,7 @@ def build_trainer(cfg: TrainConfig, model: Any, prepared: Prepared, plan: StepPl
     trainer_class, config = _classes(cfg.method)
     if cfg.method in LOSS_TYPES:
         common["loss_type"] = cfg.loss_type or LOSS_TYPES[cfg.method][0]
-    args = config(**common)
+    args = config(**trainer_args.apply(cfg, common))
     trainer = trainer_class(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
                             processing_class=prepared.tokenizer, keep_checkpoints=cfg.save_total_limit,
                             trained_tokens_resumed=trained_tokens_resumed)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import chat, checkpoints, distributed, errors, tokenizer_files
-from ..config import TrainConfig
+from ..config import TrainConfig, trainer_args
 from ..errors import UsageError
 from ..filenames import CHECKPOINT_STAGING
 from .dataset import Prepared
@@ -173,7 +173,7 @@ def build_trainer(cfg: TrainConfig, model: Any, prepared: Prepared, plan: StepPl
     """The trainer for this run; the model is already in its training-only state (adapter.training_only)."""
     from trl import SFTConfig
 
-    args = SFTConfig(
+    args = SFTConfig(**trainer_args.apply(cfg, dict(
         **training_arguments(cfg, plan, precision, has_eval=prepared.eval is not None),
         padding_free=plan.padding_free,  # one row per micro-batch, position ids restart per conversation, no padding
         use_liger_kernel=_liger_available(),  # fused RMSNorm/SwiGLU/RoPE kernels on CUDA; TRL fuses the LM head
@@ -181,7 +181,7 @@ def build_trainer(cfg: TrainConfig, model: Any, prepared: Prepared, plan: StepPl
         max_length=cfg.max_seq_length if cfg.packing else None,
         packing=cfg.packing,
         packing_strategy="bfd",  # whole conversations only; with padding-free batches, no cross-attention
-    )
+    )))
     trainer = _trainer_class()(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
                                processing_class=prepared.tokenizer,
                                keep_checkpoints=cfg.save_total_limit, trained_tokens_resumed=trained_tokens_resumed)
