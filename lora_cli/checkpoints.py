@@ -106,12 +106,14 @@ def fingerprint(**paths: str) -> dict[str, str]:
 def resume_problems(saved_config: dict[str, Any], current: dict[str, Any], saved_data: dict[str, str],
                     current_data: dict[str, str]) -> list[str]:
     """What differs between the interrupted run and this one, in words; settings marked resumable in the config
-    (they do not change what is learned) may differ."""
-    from .config import TrainConfig, resumable
+    (they do not change what is learned) may differ. A setting added since the checkpoint was saved had its
+    default then."""
+    from .config import TrainConfig, fields, resumable
 
     may_change = resumable(TrainConfig)
+    saved_config = {**{f.name: f.default for f in fields(TrainConfig)}, **saved_config}
     problems = [f"{key}: {saved_config.get(key)!r} -> {current.get(key)!r}"
-                for key in sorted(set(saved_config) | set(current))
+                for key in sorted(set(saved_config) & set(current))
                 if key not in may_change and saved_config.get(key) != current.get(key)]
     problems += [f"the --{role} data changed since the checkpoint (sha256 {saved_data.get(role, 'none')[:12]} -> "
                  f"{current_data.get(role, 'none')[:12]})"

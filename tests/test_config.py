@@ -208,9 +208,11 @@ def test_old_run_config_with_load_in_bools_still_loads(data_file, tmp_path):
         assert config.to_dict(again) == {**config.to_dict(cfg), "quantization": expected}
         upgraded = config.runfile.upgrade(yaml.safe_load(saved.read_text()))
         assert Adapter(tmp_path, {}, upgraded).quantization == (None if expected == "none" else expected)
-    # Resuming an old run with the same settings is no change.
+    # Resuming an old run with the same settings is no change, also when it predates a setting (then at its default).
     old_4bit = config.runfile.upgrade({**old, "load_in_4bit": True, "load_in_8bit": False})
     assert checkpoints.resume_problems(old_4bit, config.to_dict(cfg), {}, {}) == []
+    before_trainer_args = {k: v for k, v in old_4bit.items() if k != "trainer_args"}
+    assert checkpoints.resume_problems(before_trainer_args, config.to_dict(cfg), {}, {}) == []
     saved.write_text(yaml.safe_dump({**old, "load_in_4bit": True, "load_in_8bit": True}))
     with pytest.raises(UsageError, match="--load_in_4bit and --load_in_8bit both set"):
         config.parse_args(["--config", str(saved)])
