@@ -1,1 +1,1 @@
-"""Command-line entry points: they only parse arguments and call the library modules."""
+"""Command-line entry points: they only parse arguments and call the library modules (the table: commands.py)."""

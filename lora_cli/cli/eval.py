@@ -1,29 +1,10 @@
-"""lora-eval: compare a base model and LoRA adapters on held-out chat data."""
+"""lora-eval: compare a base model and LoRA adapters on held-out chat data.
 
-from __future__ import annotations
+Its row in the command table: lora_cli/cli/commands.py."""
 
-import sys
+from .commands import entry_point
 
-
-def _body(argv: list[str]) -> None:
-    from ..config import parse_args
-    from ..evaluate import EvalConfig  # no torch here: --help and argument errors stay instant
-
-    cfg = parse_args(argv, cls=EvalConfig)
-    if not cfg.debug:
-        from .common import quiet_libraries
-
-        quiet_libraries()
-    from ..evaluate import evaluate
-
-    evaluate(cfg)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from .common import run_cli
-
-    sys.exit(run_cli("lora-eval", argv, _body))
-
+main = entry_point("lora-eval")
 
 if __name__ == "__main__":
     main()

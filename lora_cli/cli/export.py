@@ -1,29 +1,10 @@
-"""lora-export: convert a merged model to a GGUF file (llama.cpp, Ollama, LM Studio) and check it loads back."""
+"""lora-export: convert a merged model to a GGUF file (llama.cpp, Ollama, LM Studio) and check it loads back.
 
-from __future__ import annotations
+Its row in the command table: lora_cli/cli/commands.py."""
 
-import sys
+from .commands import entry_point
 
-
-def _body(argv: list[str]) -> None:
-    from ..config import parse_args
-    from ..export import ExportConfig
-
-    cfg = parse_args(argv, cls=ExportConfig)
-    if not cfg.debug:
-        from .common import quiet_libraries
-
-        quiet_libraries()
-    from ..export import export  # torch, transformers and gguf load only once the arguments are known to be good
-
-    export(cfg)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from .common import run_cli
-
-    sys.exit(run_cli("lora-export", argv, _body))
-
+main = entry_point("lora-export")
 
 if __name__ == "__main__":
     main()
