@@ -193,18 +193,20 @@ def load_tokenizer(base: BaseModel, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def load_model(base: BaseModel, *, precision: str, load_in_4bit: bool = False, load_in_8bit: bool = False,
-               trust_remote_code: bool = False, attn_implementation: str = "sdpa") -> Any:
+def load_model(base: BaseModel, *, precision: str, quantization: str | None = None, trust_remote_code: bool = False,
+               attn_implementation: str = "sdpa") -> Any:
+    """The base model for training or scoring; quantization "4bit" (NF4, double quantisation) or "8bit" loads it
+    through bitsandbytes (None or "none": full precision)."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch_dtype(precision)
     chosen = choose_attention(attn_implementation, precision)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "attn_implementation": chosen}
-    if load_in_4bit or load_in_8bit:
+    if quantization in ("4bit", "8bit"):
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, bnb_4bit_quant_type="nf4",
+            load_in_4bit=quantization == "4bit", load_in_8bit=quantization == "8bit", bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
         # Quantised weights are placed at load time: one whole copy per process, on its own device. Under FSDP
         # the weights are sharded instead, stored in the compute dtype (bnb_4bit_quant_storage) so FSDP can wrap them.

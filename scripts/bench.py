@@ -321,7 +321,7 @@ def lora_train_trainer(args, fast: bool):
     cfg = config.parse_args(flags + shlex.split(args.flags))
     prepared = prepare(cfg)
     precision = models.choose_precision(cfg.precision)
-    model = attach_lora(models.load_model(prepared.base, precision=precision, load_in_4bit=cfg.load_in_4bit,
+    model = attach_lora(models.load_model(prepared.base, precision=precision, quantization=cfg.quantization,
                                           attn_implementation=cfg.attn_implementation), cfg)
     subset.unlink()
     plan = step_plan(cfg, model, precision, prepared.train_stats)

@@ -284,7 +284,7 @@ def test_nf4_simulation_rounds_exactly_the_layers_qlora_quantises(tiny_llama):
     from lora_cli.merge.plan import nf4_module_names
 
     base = models.resolve(str(tiny_llama))
-    four_bit = models.load_model(base, precision="fp32", load_in_4bit=True)
+    four_bit = models.load_model(base, precision="fp32", quantization="4bit")
     quantised = {n for n, m in four_bit.named_modules() if type(m).__name__ == "Linear4bit"}
     assert nf4_module_names(build_skeleton(base, tiny_llama, False)) == quantised
     weights = load_file(tiny_llama / "model.safetensors")

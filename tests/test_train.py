@@ -19,7 +19,7 @@ def build(base: str, data, out, *extra: str):
     cfg = config.parse_args(["--base_model", str(base), "--train_path", str(data), "--output_dir", str(out),
                              *TINY_TRAIN, *extra])
     prepared = prepare(cfg)
-    model = models.load_model(prepared.base, precision="fp32", load_in_4bit=cfg.quantization == "4bit")
+    model = models.load_model(prepared.base, precision="fp32", quantization=cfg.quantization)
     model = attach_lora(model, cfg)
     plan = step_plan(cfg, model, "fp32", prepared.train_stats)
     settings = training_only(model, plan, "fp32", cfg.use_dora, cheaper_dropout=cfg.method == "sft")

@@ -45,7 +45,7 @@ def load_models(cfg: EvalConfig, prepared: Prepared, precision: str) -> Any:
     q = prepared.quantization
     log.info("loading %s (%s%s)", prepared.base.display, precision,
              ", 4-bit NF4" if q == "4bit" else ", 8-bit" if q == "8bit" else "")
-    model = models.load_model(prepared.base, precision=precision, load_in_4bit=q == "4bit", load_in_8bit=q == "8bit",
+    model = models.load_model(prepared.base, precision=precision, quantization=q,
                               trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
     if q is None:  # quantised weights were placed at load time
         model.to(_device())

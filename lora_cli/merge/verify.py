@@ -164,7 +164,8 @@ def verify(job: Prepared, out: Path, tokenizer: Any, eos_ids: list[int], trust_r
 def _reference_model(adapter: Adapter, base: models.BaseModel, ref: Reference, trust_remote_code: bool) -> Any:
     from peft import PeftModel
 
-    model = models.load_model(base, precision="fp32", load_in_4bit=ref.four_bit, trust_remote_code=trust_remote_code)
+    model = models.load_model(base, precision="fp32", quantization="4bit" if ref.four_bit else None,
+                              trust_remote_code=trust_remote_code)
     if ref.nf4:
         round_trip_in_place(model, {n.removesuffix(".weight") for n in ref.nf4})
     return PeftModel.from_pretrained(model, str(adapter.path))

@@ -49,9 +49,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     from transformers import set_seed
 
     set_seed(cfg.seed)  # the trainer seeds only later: without this the adapter's initial weights vary per run
-    model = models.load_model(prepared.base, precision=precision, load_in_4bit=cfg.quantization == "4bit",
-                              load_in_8bit=cfg.quantization == "8bit", trust_remote_code=cfg.trust_remote_code,
-                              attn_implementation=cfg.attn_implementation)
+    model = models.load_model(prepared.base, precision=precision, quantization=cfg.quantization,
+                              trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
     model = attach_lora(model, cfg)
     check_disk_space(out, model, cfg.save_total_limit)
     plan = plan_steps(cfg, model, precision, prepared.train_stats)
