@@ -37,8 +37,10 @@ EXPORT_TOLERANCES = {"f32": {"max_rel_logit_diff": 1e-4, "max_kl": 1e-6},
                      "f16": {"max_rel_logit_diff": 1e-2, "max_kl": 2e-3},
                      "bf16": {"max_rel_logit_diff": 5e-2, "max_kl": 2e-2},
                      "q8_0": {"max_rel_logit_diff": 1e-1, "max_kl": 5e-2},
-                     # measured on the demo model (from a Q4_1 file): 53% and 6.2; catches broken files only
-                     "q4_0": {"max_rel_logit_diff": 6e-1, "max_kl": 8.0}}
+                     # against the source rounded as the file stores it (export/verify.py ROUNDED_REFERENCE):
+                     # transformers' reader dequantises to the very same values, so f32's limits apply (measured: 0
+                     # on the demo and tiny models; q/k rows in the wrong order 54-57%, docs/benchmarks.md)
+                     "q4_0": {"max_rel_logit_diff": 1e-4, "max_kl": 1e-6}}
 
 
 def next_token_logits(model: Any, conversations: list[list[int]]) -> list[Any]:

@@ -15,7 +15,7 @@ from lora_cli import export as E
 from lora_cli.export import command as export_command, go_template, ollama
 from lora_cli.export import tensors as export_tensors, verify as export_verify, vocab as export_vocab
 from lora_cli.config import parse_args
-from lora_cli.errors import UsageError
+from lora_cli.errors import RunFailure, UsageError
 from lora_cli.verification import EXPORT_TOLERANCES
 
 from .conftest import CHAT, INST_TEMPLATE, LLAMA3_TEMPLATE, ROOT, assert_llama_cpp_agrees, run_cli
@@ -126,6 +126,19 @@ def test_tiny_llama_q8_0_round_trip_checked_by_transformers(tiny_llama, tmp_path
     assert logits["max_kl"] < EXPORT_TOLERANCES["q8_0"]["max_kl"]
     assert _metadata(tmp_path / "tiny-q8.gguf")["general.file_type"] == 7
     assert report["size_bytes"] < 1.1 * report["parameters"] + 2**21  # 8.5 bits a weight, plus the vocabulary
+
+
+def test_q4_0_checked_by_transformers_is_exact_against_the_rounded_source(tiny_llama, tmp_path, transformers_only,
+                                                                         monkeypatch):
+    """Without llama.cpp, transformers' reader dequantises the q4_0 file to exactly the source rounded as the file
+    stores it (f32's limits), and q/k rows in the wrong order fail."""
+    report = _export(tiny_llama, tmp_path / "tiny-q4.gguf", "--outtype", "q4_0")
+    logits = report["verification"]["logits"]
+    assert report["verification"]["passed"] and logits["tolerance"] == EXPORT_TOLERANCES["f32"], logits
+    assert logits["max_rel_logit_diff"] < 1e-5 and logits["top1_agreement"] == 1.0, logits
+    monkeypatch.setattr(export_tensors, "rope_rows_to_pairs", lambda w, n_heads: w)
+    with pytest.raises(RunFailure, match="verification failed"):
+        _export(tiny_llama, tmp_path / "wrong-q4.gguf", "--outtype", "q4_0")
 
 
 def test_tiny_qwen_round_trip_with_llama3_template(tiny_qwen, llama3_tokenizer, tmp_path, llama_cpp):

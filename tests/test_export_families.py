@@ -84,8 +84,9 @@ def test_family_exports_and_runs_in_llama_cpp(family, llama_cpp, tmp_path):
         assert eot in (meta["tokenizer.ggml.eos_token_id"], meta.get("tokenizer.ggml.eot_token_id"))
 
 
-def test_llama_cpp_catches_a_wrong_layout(llama_cpp, tmp_path, monkeypatch, caplog):
-    """The judge discriminates: q/k rows left in transformers' order (not llama.cpp's) fail."""
+@pytest.mark.parametrize("outtype", ["f16", "q4_0"])
+def test_llama_cpp_catches_a_wrong_layout(outtype, llama_cpp, tmp_path, monkeypatch, caplog):
+    """The judge discriminates: q/k rows left in transformers' order (not llama.cpp's) fail, at q4_0 too."""
     from lora_cli.errors import RunFailure
     from lora_cli.export import tensors
 
@@ -93,5 +94,20 @@ def test_llama_cpp_catches_a_wrong_layout(llama_cpp, tmp_path, monkeypatch, capl
     model = _tiny_family_model("mistral", tmp_path / "mistral")
     monkeypatch.setattr(tensors, "rope_rows_to_pairs", lambda w, n_heads: w)
     with pytest.raises(RunFailure, match="verification failed"):
-        export(parse_args([str(model), str(tmp_path / "wrong.gguf")], cls=ExportConfig))
+        export(parse_args([str(model), str(tmp_path / "wrong.gguf"), "--outtype", outtype], cls=ExportConfig))
     assert re.search(r"llama.cpp next tokens vs source .* -> FAIL", caplog.text)
+
+
+def test_q4_0_is_judged_against_the_source_rounded_as_the_file_stores_it(llama_cpp, tmp_path):
+    """q4_0 costs a tiny model most of its top-1 agreement with the source; against the source rounded as the file
+    stores it, llama.cpp is close (its own arithmetic only), so the margin is a quarter of the wrong layout's."""
+    from lora_cli.export.llamacpp_check import TOLERANCES
+
+    model = _tiny_family_model("mistral", tmp_path / "mistral")
+    report = export(parse_args([str(model), str(tmp_path / "q4.gguf"), "--outtype", "q4_0"], cls=ExportConfig))
+    verification = report["verification"]
+    assert verification["passed"] and verification["reference"] == "source rounded as the file stores q4_0"
+    assert report["tensor_types"] == {"Q4_0": 15, "Q8_0": 1, "F32": 5}  # the output matrix stays 8-bit
+    assert verification["rounding"]["top1_agreement"] < 0.8  # what q4_0 itself costs: the rounded reference differs
+    logits = verification["logits"]
+    assert logits["top1_agreement"] > 0.9 and logits["max_rel_logit_diff"] < TOLERANCES["q4_0"] / 4, logits

@@ -115,3 +115,29 @@ def encode_tensor(t: PlannedTensor, values: Any) -> Any:
     if t.qtype == gguf.GGMLQuantizationType.F32:
         return values.astype(np.float32, copy=False)
     return gguf.quants.quantize(values, t.qtype)
+
+
+def stored_values(t: PlannedTensor, values: Any) -> Any:
+    """fp32 numpy values -> the fp32 values the GGUF holds for them once llama.cpp dequantises (or widens) them."""
+    import gguf
+    import numpy as np
+
+    encoded = encode_tensor(t, values)
+    if t.qtype in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32):
+        return encoded.astype(np.float32)
+    return gguf.quants.dequantize(encoded, t.qtype).astype(np.float32, copy=False)
+
+
+def round_as_stored(model: Any, plan: list[PlannedTensor]) -> None:
+    """Give the source model (transformers, fp32) the weights the GGUF stores, rounded exactly as the file rounds
+    them (quantisation blocks run along rows, which the q/k reordering only permutes): a reference that differs from
+    the file only in how the runtime computes, not in what --outtype drops."""
+    import torch
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for t in plan:
+            if t.computed or t.qtype.name == "F32":
+                continue
+            p = params[t.source]
+            p.copy_(torch.from_numpy(stored_values(t, p.detach().to(torch.float32).numpy())).reshape(p.shape))
