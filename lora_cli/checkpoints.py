@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -91,16 +90,10 @@ def require_intact(checkpoint: Path) -> None:
 
 
 def fingerprint(**paths: str) -> dict[str, str]:
-    """sha256 of each data file by role (train_path=..., eval_path=...), so a resume can tell if the data changed."""
-    result = {}
-    for role, path in paths.items():
-        if path:
-            digest = hashlib.sha256()
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-            result[role] = digest.hexdigest()
-    return result
+    """sha256 of each data spec by role (train_path=..., eval_path=...), so a resume can tell if the data changed."""
+    from . import sources
+
+    return {role: sources.fingerprint(path) for role, path in paths.items() if path}
 
 
 def resume_problems(saved_config: dict[str, Any], current: dict[str, Any], saved_data: dict[str, str],

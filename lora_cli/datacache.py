@@ -11,13 +11,14 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from . import chat, fsutil
 from .data import Conversation
 from .encode import ENCODING_VERSION, EncodeStats
 from .errors import one_line
 from .filenames import ENCODE_STATS
+from .sources.mixture import canonical
 
 log = logging.getLogger("lora_cli")
 
@@ -32,7 +33,7 @@ def root() -> Path:
         cache_dir() / "datasets"
 
 
-def key(tokenizer: Any, rows: list[Conversation], settings: dict[str, Any]) -> str:
+def key(tokenizer: Any, rows: Iterable[Conversation | str], settings: dict[str, Any]) -> str:
     """A digest of everything the encoded columns depend on; any change gives a new entry."""
     h = hashlib.sha256()
     # ENCODING_VERSION stands for the encoding rules themselves (tests/test_golden_encoding.py guards it)
@@ -49,8 +50,8 @@ def key(tokenizer: Any, rows: list[Conversation], settings: dict[str, Any]) -> s
     backend = getattr(tokenizer, "backend_tokenizer", None)  # vocabulary, merges, normaliser, post-processor
     h.update(backend.to_str().encode() if backend is not None else
              json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    for row in rows:
-        h.update(json.dumps([row.where, row.messages, row.tools], ensure_ascii=False, sort_keys=True, default=str).encode())
+    for row in rows:  # a Conversation, or the same as sources' canonical text
+        h.update((row if isinstance(row, str) else canonical(row.where, row.messages, row.tools)).encode())
         h.update(b"\n")
     return h.hexdigest()[:32]
 

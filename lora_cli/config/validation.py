@@ -24,10 +24,10 @@ def validate(cfg: Any) -> list[str]:
 
 
 def data_file_problem(flag: str, path: str, required: bool) -> str | None:
-    """What is wrong with a data-file flag (lora-train, lora-eval, lora-data): missing when required, or no file."""
-    if not path:
-        return f"--{flag} is required (a .jsonl/.json/.parquet/.csv chat dataset)" if required else None
-    return None if os.path.isfile(path) else f"--{flag}: file not found: {path}"
+    """What is wrong with a data flag (lora-train, lora-eval, lora-data): missing when required, or no source."""
+    from .. import sources
+
+    return sources.problem(flag, path, required)
 
 
 def template_problems(cfg: Any) -> list[str]:
@@ -113,14 +113,14 @@ def _preference_problems(cfg: Any) -> list[str]:
 
 def _preference_kind(path: str) -> str | None:
     """The kind of preference rows a data file holds (None: chat rows, or unreadable: reported when it is read)."""
-    if not path or not os.path.isfile(path):
+    if not path:
         return None
-    from ..errors import DataError
+    from ..errors import DataError, UsageError
     from ..preference import rows
 
     try:
         return rows.file_kind(path)
-    except DataError:
+    except (DataError, UsageError):  # reported by the data flag's own check, or when the data is read
         return None
 
 

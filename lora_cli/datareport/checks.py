@@ -6,7 +6,7 @@ import json
 from collections import Counter
 from typing import Any
 
-from .. import chat, data, models
+from .. import chat, data, models, sources
 from ..chat import IGNORE_INDEX
 from ..data import Conversation
 from ..encode import NO_TRAINED_TOKENS, TOO_LONG, TRUNCATED, encode_row
@@ -28,7 +28,7 @@ def build_report(cfg: DataConfig) -> Report:
 def read_rows(report: Report) -> None:
     """Normalise every row as lora-train does, collecting each row's problems instead of stopping at the first."""
     path = report.cfg.train_path
-    for where, raw in data.scan_rows(path):
+    for where, raw in (row for source in sources.parse(path) for row in sources.scan(source)):
         report.rows_read += 1
         try:
             if isinstance(raw, DataError):  # a line that is not JSON

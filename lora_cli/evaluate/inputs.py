@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import chat, data, models
+from .. import chat, data, models, sources
 from ..adapters import Adapter, load_adapter_tokenizer, read_adapter
 from ..encode import EncodeStats, encode_rows
 from ..errors import DataError, UsageError
@@ -38,7 +38,7 @@ def prepare(cfg: EvalConfig) -> Prepared:
     adapters = [read_adapter(path, "--adapter") for path in cfg.adapter_paths]
     spec = base_spec(cfg, adapters)
     quantization = choose_quantization(cfg, adapters)
-    rows = data.load_conversations(cfg.eval_path)
+    rows = list(sources.load(cfg.eval_path, 0, "eval_path").conversations())
     rows_read = len(rows)
     rows = rows[:cfg.limit] if cfg.limit else rows
     check_output(Path(cfg.output))

@@ -8,10 +8,11 @@ conversational format) and each completion a string or a list holding one assist
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from .. import data
+from .. import data, sources
 from ..errors import DataError
 
 PAIRED, UNPAIRED = "paired", "unpaired"
@@ -48,9 +49,9 @@ def row_kind(row: Any) -> str | None:
 
 
 def file_kind(path: str) -> str | None:
-    """The kind of the file's first readable row: lets lora-train, lora-eval and lora-data tell preference files
-    from chat files. A JSON Lines file is read only up to its first row."""
-    if path.lower().endswith(data.JSONL_SUFFIXES):
+    """The kind of the data's first readable row: lets lora-train, lora-eval and lora-data tell preference data
+    from chat data. A JSON Lines file is read only up to its first row; of several sources, the first is read."""
+    if path.lower().endswith(data.JSONL_SUFFIXES) and os.path.isfile(path):
         with open(path, encoding="utf-8-sig", errors="replace") as f:
             for line in f:
                 if line.strip():
@@ -59,15 +60,20 @@ def file_kind(path: str) -> str | None:
                     except (ValueError, RecursionError):
                         return None  # reported with its line when the file is read
         return None
-    for _, raw in data.scan_rows(path):
-        if not isinstance(raw, DataError):
-            return row_kind(raw)
+    for _, raw in sources.scan(sources.parse(path)[0]):
+        return None if isinstance(raw, DataError) else row_kind(raw)
     return None
 
 
 def scan(path: str, kind: str) -> Iterator[tuple[str, PreferencePair | Judged | DataError]]:
-    """Every row of a file, parsed, or the DataError saying what is wrong with it (lora-data reports them all)."""
-    for where, raw in data.scan_rows(path):
+    """Every row of every source, parsed, or the DataError saying what is wrong with it (lora-data reports them
+    all)."""
+    for source in sources.parse(path):
+        yield from _scan_source(source, kind)
+
+
+def _scan_source(source: sources.Source, kind: str) -> Iterator[tuple[str, PreferencePair | Judged | DataError]]:
+    for where, raw in sources.scan(source):
         if isinstance(raw, DataError):
             yield where, raw
             continue
@@ -77,16 +83,24 @@ def scan(path: str, kind: str) -> Iterator[tuple[str, PreferencePair | Judged | 
             yield where, exc
 
 
-def load(path: str, kind: str) -> list[PreferencePair] | list[Judged]:
-    """Every row of a file; DataError on the first bad one."""
-    rows = []
-    for _, row in scan(path, kind):
-        if isinstance(row, DataError):
-            raise row
-        rows.append(row)
-    if not rows:
-        raise DataError(f"{path}: no rows (the file is empty)")
-    return rows
+def load(path: str, kind: str, seed: int = 0) -> list[PreferencePair] | list[Judged]:
+    """Every row of the sources, mixed by their weights as chat data is (sources.pick); DataError on the first bad
+    row."""
+    specs = sources.parse(path)
+    per_source = []
+    for source in specs:
+        rows = []
+        for _, row in _scan_source(source, kind):
+            if isinstance(row, DataError):
+                raise row
+            rows.append(row)
+        if not rows:
+            raise DataError(f"{source.label}: no rows (the file is empty)")
+        per_source.append(rows)
+    picks = sources.pick(specs, [len(r) for r in per_source], seed)
+    mixed = [r if p is None else [r[i] for i in p] for r, p in zip(per_source, picks)]
+    sources.report(specs, [len(r) for r in per_source], [len(r) for r in mixed])
+    return [row for rows in mixed for row in rows]
 
 
 def parse_row(row: Any, where: str, kind: str) -> PreferencePair | Judged:

@@ -28,8 +28,8 @@ REFERENCE = "ref"  # the name TRL gives the frozen copy of a starting adapter
 def prepare(cfg: TrainConfig) -> Prepared:
     """Read, validate and encode the preference rows (and the tokenizer they need) before any weights load."""
     kind = KIND[cfg.method]
-    train_rows = rows.load(cfg.train_path, kind)
-    eval_rows = rows.load(cfg.eval_path, kind) if cfg.eval_path else []
+    train_rows = rows.load(cfg.train_path, kind, cfg.seed)
+    eval_rows = rows.load(cfg.eval_path, kind, cfg.seed) if cfg.eval_path else []
     if cfg.val_split > 0:
         train_rows, eval_rows = data.split_validation(train_rows, cfg.val_split, cfg.seed)
     base = models.resolve(cfg.base_model)
