@@ -390,18 +390,31 @@ def encode(tokenizer: Any, messages: list[dict], train_on_inputs: bool = False, 
             piece = tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
             ids += piece
             offsets += [(a, b)] * len(piece)  # pieces are cut at span boundaries: wholly in or out
-    # A token overlapping a span is trained: with a generation prompt ending in a space ("assistant: "), the first
-    # answer token (" Hello") starts inside the prompt and would otherwise never be learned.
-    in_span = [any(start < s.end and max(end, start + 1) > s.start for s in spans) for start, end in offsets]
-    for start, end in offsets:  # one token across a turn's end would train text of the turn after it
-        if any(start < s.end < end for s in spans):
-            raise DataError(f"{where}: a token spans the end of an assistant turn ({text[start:end]!r}), so the "
-                            f"mask cannot stop exactly at the turn's end; {_HINT}")
+    in_span = _in_spans(offsets, spans, text, where)
     labels = list(ids) if train_on_inputs else [t if keep else IGNORE_INDEX for t, keep in zip(ids, in_span)]
     if _missing_bos(tokenizer, ids):
         ids, labels = [tokenizer.bos_token_id, *ids], [IGNORE_INDEX, *labels]
     return Encoded(ids, labels, len(spans), sum(s.has_end_of_turn for s in spans), found.reasoning_turns,
                    found.reasoning_rendered)
+
+
+def _in_spans(offsets: list[tuple[int, int]], spans: list[Span], text: str, where: str) -> list[bool]:
+    """Which tokens are trained: a token overlapping a span is (with a generation prompt ending in a space,
+    "assistant: ", the first answer token " Hello" starts inside the prompt and would otherwise never be learned).
+    One pass over tokens and spans, both in text order."""
+    ordered = sorted(spans, key=lambda s: s.start)
+    result, k = [], 0
+    for start, end in offsets:
+        if k and start < ordered[k - 1].end:  # an offset before the previous one (never seen): look again
+            k = 0
+        while k < len(ordered) and ordered[k].end <= start:
+            k += 1
+        span = ordered[k] if k < len(ordered) else None
+        if span is not None and span.end < end:  # one token across a turn's end would train the next turn's text
+            raise DataError(f"{where}: a token spans the end of an assistant turn ({text[start:end]!r}), so the "
+                            f"mask cannot stop exactly at the turn's end; {_HINT}")
+        result.append(span is not None and max(end, start + 1) > span.start)
+    return result
 
 
 def encode_prompt(tokenizer: Any, messages: list[dict], tools: list[dict] | None = None) -> list[int]:

@@ -17,12 +17,12 @@ from . import chat, fsutil
 from .data import Conversation
 from .encode import ENCODING_VERSION, EncodeStats
 from .errors import one_line
-from .filenames import ENCODE_STATS
+from .filenames import ENCODE_STATS, SOURCES
 from .sources.mixture import canonical
 
 log = logging.getLogger("lora_cli")
 
-FORMAT = 1  # bump when the stored layout changes
+FORMAT = 2  # bump when the stored layout changes
 
 
 def root() -> Path:
@@ -34,7 +34,9 @@ def root() -> Path:
 
 
 def key(tokenizer: Any, rows: Iterable[Conversation | str], settings: dict[str, Any]) -> str:
-    """A digest of everything the encoded columns depend on; any change gives a new entry."""
+    """A digest of everything the encoded columns depend on; any change gives a new entry. `rows`: the rows, their
+    canonical texts, or one text that stands for them all (train.dataset's digest of the files they are read from,
+    so that a cached run need not read them)."""
     h = hashlib.sha256()
     # ENCODING_VERSION stands for the encoding rules themselves (tests/test_golden_encoding.py guards it)
     h.update(json.dumps({"format": FORMAT, "encoding": ENCODING_VERSION, "settings": settings,
@@ -69,9 +71,9 @@ def _versions(*packages: str) -> dict[str, str | None]:
     return found
 
 
-def load(digest: str) -> tuple[Any, EncodeStats] | None:
-    """The cached columns (a memory-mapped Dataset) and their counts, or None when absent or unreadable (a damaged
-    entry is removed so that this run's encoding replaces it)."""
+def load(digest: str) -> tuple[Any, EncodeStats, dict[str, int]] | None:
+    """The cached columns (a memory-mapped Dataset), their counts and the rows per data source, or None when absent
+    or unreadable (a damaged entry is removed so that this run's encoding replaces it)."""
     path = root() / digest
     try:
         if not path.exists():
@@ -80,7 +82,8 @@ def load(digest: str) -> tuple[Any, EncodeStats] | None:
 
         disable_caching()  # maps on a file-backed dataset (TRL's packing) go to temporary files, not into the entry
         stats = EncodeStats(**json.loads((path / ENCODE_STATS).read_text(encoding="utf-8")))
-        return Dataset.load_from_disk(str(path / "data")), stats
+        counts = json.loads((path / SOURCES).read_text(encoding="utf-8")) if (path / SOURCES).is_file() else {}
+        return Dataset.load_from_disk(str(path / "data")), stats, counts
     except Exception as exc:  # never trusted when it does not read back whole
         log.warning("ignoring unreadable data cache %s (%s); tokenising again", path, one_line(exc, None))
         _discard(path)
@@ -97,13 +100,12 @@ def _discard(path: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def save(digest: str, columns: dict[str, list], stats: EncodeStats) -> Any:
-    """Store the columns and return them as a Dataset; the entry appears whole or not at all (written aside, then
-    renamed), so concurrent processes and interrupted runs never leave a half entry that would be read."""
-    from datasets import Dataset, Features, Sequence, Value
+def save(digest: str, dataset: Any, stats: EncodeStats, counts: dict[str, int] | None = None) -> Any:
+    """Store the encoded Dataset (input_ids, labels) and return it read back from the entry; the entry appears
+    whole or not at all (written aside, then renamed), so concurrent processes and interrupted runs never leave a
+    half entry that would be read."""
+    from datasets import Dataset
 
-    features = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32"))})
-    dataset = Dataset.from_dict(columns, features=features)
     final = root() / digest
     try:
         # Readable by the cache's other users; the move fails when another process stored the same entry first:
@@ -111,7 +113,9 @@ def save(digest: str, columns: dict[str, list], stats: EncodeStats) -> Any:
         with fsutil.staged_folder(final) as staging:
             dataset.save_to_disk(str(staging / "data"))
             (staging / ENCODE_STATS).write_text(json.dumps(stats.as_dict()) + "\n", encoding="utf-8")
+            (staging / SOURCES).write_text(json.dumps(counts or {}) + "\n", encoding="utf-8")
     except OSError as exc:
         if not final.is_dir():  # a read-only or full cache disk must not stop training
             log.warning("could not write the data cache in %s (%s); continuing without it", final.parent, exc)
-    return dataset
+            return dataset
+    return Dataset.load_from_disk(str(final / "data"))

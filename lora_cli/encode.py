@@ -115,6 +115,72 @@ def encode_rows(tokenizer: Any, rows: list[Conversation], *, max_seq_length: int
     return columns, stats
 
 
+_STATS = ("fate", "length", "turns", "turns_with_end", "reasoning_turns", "reasoning_trained", "trained", "where")
+
+
+def encode_table(tokenizer: Any, table: Any, *, max_seq_length: int, truncation: str, train_on_inputs: bool,
+                 name: str, num_proc: int = 1, batch_size: int = 1000) -> tuple[Any, EncodeStats]:
+    """encode_rows for a datasets.Dataset of canonical rows (sources.Mixture.rows): the same columns and counts, but
+    tokenised on `num_proc` processes through datasets.map, batch by batch into Arrow files, so that memory holds
+    a batch per process and never the whole dataset."""
+    import numpy as np
+    from datasets import Features, Sequence, Value
+
+    from .sources.mixture import conversation
+
+    settings = dict(max_seq_length=max_seq_length, truncation=truncation, train_on_inputs=train_on_inputs)
+
+    def encode_batch(texts: list[str]) -> dict[str, list]:
+        out: dict[str, list] = {"input_ids": [], "labels": [], **{k: [] for k in _STATS}}
+        for text in texts:
+            row = conversation(text)
+            encoded = encode_row(tokenizer, row, **settings)
+            full = encoded.full
+            out["input_ids"].append(encoded.input_ids)
+            out["labels"].append(encoded.labels)
+            out["fate"].append(encoded.fate)
+            out["length"].append(len(full.input_ids))
+            out["turns"].append(full.turns)
+            out["turns_with_end"].append(full.turns_with_end)
+            out["reasoning_turns"].append(full.reasoning_turns)
+            out["reasoning_trained"].append(full.reasoning_trained)
+            out["trained"].append(sum(1 for label in encoded.labels if label != IGNORE_INDEX))
+            out["where"].append("" if encoded.kept else row.where)  # named in warnings about dropped rows
+        return out
+
+    ints = Value("int32")
+    features = Features({"input_ids": Sequence(ints), "labels": Sequence(ints), "fate": Value("string"),
+                         **{k: ints for k in _STATS[1:-1]}, "where": Value("string")})
+    procs = max(1, min(num_proc, len(table) // batch_size))  # a process per batch at least: starting one costs ~1 s
+    if procs > 1:
+        log.info("%s: tokenising %s rows on %d processes", name, f"{len(table):,}", procs)
+    mapped = table.map(encode_batch, input_columns="row", batched=True, batch_size=batch_size,
+                       num_proc=procs if procs > 1 else None, remove_columns=table.column_names, features=features)
+    stats = _table_stats(mapped, np)
+    report(stats, name, max_seq_length, truncation)
+    kept = np.flatnonzero(np.isin(mapped.data.column("fate").to_numpy(zero_copy_only=False), [KEPT, TRUNCATED]))
+    return mapped.select(kept).select_columns(["input_ids", "labels"]), stats
+
+
+def _table_stats(mapped: Any, np: Any) -> EncodeStats:
+    """The counts EncodeStats.add makes row by row, from encode_table's columns."""
+    col = {k: mapped.data.column(k).to_numpy(zero_copy_only=False) for k in _STATS}
+    fate = col["fate"]
+    kept = np.isin(fate, [KEPT, TRUNCATED])
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(mapped.data.column("input_ids")).to_numpy(zero_copy_only=False)
+    dropped = np.flatnonzero(np.isin(fate, [TOO_LONG, NO_TRAINED_TOKENS]))[:5]
+    return EncodeStats(
+        rows=len(fate), kept=int(kept.sum()), too_long=int(np.isin(fate, [TRUNCATED, TOO_LONG]).sum()),
+        truncated=int((fate == TRUNCATED).sum()), dropped_too_long=int((fate == TOO_LONG).sum()),
+        dropped_no_trained_tokens=int((fate == NO_TRAINED_TOKENS).sum()), tokens=int(lengths[kept].sum()),
+        trained_tokens=int(col["trained"][kept].sum()), assistant_turns=int(col["turns"].sum()),
+        turns_missing_end_of_turn=int((col["turns"] - col["turns_with_end"]).sum()),
+        reasoning_turns=int(col["reasoning_turns"].sum()), reasoning_trained=int(col["reasoning_trained"].sum()),
+        longest=int(col["length"].max(initial=0)), first_problem_rows=[str(col["where"][i]) for i in dropped])
+
+
 def _note(stats: EncodeStats, where: str) -> None:
     if len(stats.first_problem_rows) < 5:
         stats.first_problem_rows.append(where)

@@ -26,3 +26,4 @@ DATA_REPORT = "data_report.json"
 GENERATIONS = "generations.jsonl"  # lora-eval's answers, next to its report
 
 ENCODE_STATS = "encode_stats.json"  # in a data cache entry
+SOURCES = "sources.json"  # in a data cache entry: rows per data source

@@ -59,6 +59,8 @@ class TrainConfig(TemplateOptions, EvalDataOptions, TrainDataOptions, ComputeOpt
                                  "$LORA_CLI_DATA_CACHE) and reuse them while the rows, tokenizer, chat template and "
                                  "these data settings are unchanged; --no-data_cache always tokenises afresh.",
                            group="data", resumable=True)
+    num_proc: int = opt(0, "Processes that tokenise the data (0: the cores available). Output is the same for any "
+                           "number.", group="data", resumable=True)
 
     # --- LoRA --------------------------------------------------------------------------------------------------------
     lora_r: int = opt(16, "LoRA rank.", group="lora")

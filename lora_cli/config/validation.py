@@ -63,7 +63,7 @@ def train_problems(cfg: Any) -> list[str]:
     for name in positive:
         if getattr(cfg, name) <= 0:
             errors.append(f"{typed(cfg, name)}: must be > 0, got {getattr(cfg, name)}")
-    for name in ("eval_steps", "save_total_limit", "weight_decay", "max_grad_norm", "tokens_per_batch"):
+    for name in ("eval_steps", "save_total_limit", "weight_decay", "max_grad_norm", "tokens_per_batch", "num_proc"):
         if getattr(cfg, name) < 0:
             errors.append(f"{typed(cfg, name)}: must be >= 0, got {getattr(cfg, name)}")
     if cfg.learning_rate <= 0:

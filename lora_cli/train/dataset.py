@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import chat, models, sources
 from ..config import TrainConfig
-from ..encode import EncodeStats, encode_rows, report
+from ..encode import EncodeStats, encode_table, report
 
 log = logging.getLogger("lora_cli")
 
@@ -28,42 +29,91 @@ class Prepared:
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
-    """Read, validate and tokenise the data (and the tokenizer it needs), before any model weights load."""
-    train_rows = sources.load(cfg.train_path, cfg.seed, "train_path")
-    eval_rows = sources.load(cfg.eval_path, cfg.seed, "eval_path") if cfg.eval_path else None
-    if cfg.val_split > 0:
-        train_rows, eval_rows = train_rows.split(cfg.val_split, cfg.seed)
+    """Read, validate and tokenise the data (and the tokenizer it needs), before any model weights load. A run whose
+    data was encoded before (same files, tokenizer, template and settings) reads it from the data cache without
+    reading the files again."""
     base = models.resolve(cfg.base_model)
     tokenizer = models.load_tokenizer(base, cfg.trust_remote_code)
     chat.resolve_chat_template(tokenizer, cfg.chat_template, chat.parse_template_kwargs(cfg.chat_template_kwargs))
-    train_cols, train_stats = encode_dataset(cfg, tokenizer, train_rows, cfg.train_path)
-    eval_cols = eval_stats = None
-    if eval_rows is not None:
-        eval_cols, eval_stats = encode_dataset(cfg, tokenizer, eval_rows, cfg.eval_path or "validation split")
+    names = {"train": cfg.train_path, **({"eval": cfg.eval_path or "validation split"}
+                                          if cfg.eval_path or cfg.val_split > 0 else {})}
+    keys = {role: _key(cfg, tokenizer, role) for role in names}
+    found = {role: _cached(keys[role], names[role], cfg) for role in names if keys[role]}
+    counts = found["train"][2] if "train" in found and found["train"] else {}
+    if not all(found.get(role) for role in names):
+        mixtures = _read(cfg)
+        counts = mixtures["train"].counts
+        for role in names:
+            if not found.get(role):
+                found[role] = encode_dataset(cfg, tokenizer, mixtures[role], names[role], keys[role])
+    (train, train_stats, _), evaluation = found["train"], found.get("eval")
+    eval_stats = evaluation[1] if evaluation else None
     log.info("data: %d training conversations (%s tokens, %s trained = %.0f%%, longest %d)%s", train_stats.kept,
              f"{train_stats.tokens:,}", f"{train_stats.trained_tokens:,}",
              100 * train_stats.trained_tokens / train_stats.tokens, train_stats.longest,
              f", {eval_stats.kept} evaluation conversations" if eval_stats else "")
-    return Prepared(base, tokenizer, train_cols, eval_cols, train_stats, eval_stats, train_rows.counts)
+    return Prepared(base, tokenizer, train, evaluation[0] if evaluation else None, train_stats, eval_stats, counts)
 
 
-def encode_dataset(cfg: TrainConfig, tokenizer: Any, rows: sources.Mixture,
-                   name: str) -> tuple[Any, EncodeStats]:
-    """The rows' token ids and labels as a Dataset: from the data cache when these rows were encoded before with
-    the same tokenizer, template and settings, else encoded now (and cached, except in a dry run)."""
-    from datasets import Dataset
+def _read(cfg: TrainConfig) -> dict[str, sources.Mixture]:
+    train = sources.load(cfg.train_path, cfg.seed, "train_path")
+    if cfg.val_split > 0:
+        train, held = train.split(cfg.val_split, cfg.seed)
+        return {"train": train, "eval": held}
+    return {"train": train, **({"eval": sources.load(cfg.eval_path, cfg.seed, "eval_path")} if cfg.eval_path else {})}
 
+
+def _key(cfg: TrainConfig, tokenizer: Any, role: str) -> str:
+    """The data cache entry of the training or evaluation rows, from the digest of the files they are read from
+    (so a cached run reads none of them); empty without the cache or for Hub data (keyed by its rows instead)."""
     from .. import datacache
 
-    settings = dict(max_seq_length=cfg.max_seq_length, truncation=cfg.truncation, train_on_inputs=cfg.train_on_inputs)
-    digest = datacache.key(tokenizer, rows.texts(), settings) if cfg.data_cache else ""
-    cached = datacache.load(digest) if digest else None
+    path = cfg.train_path if role == "train" or cfg.val_split > 0 else cfg.eval_path
+    specs = sources.parse(path, "train_path" if path == cfg.train_path else "eval_path")
+    if not cfg.data_cache or any(s.kind == "hub" for s in specs):
+        return ""
+    seeded = cfg.val_split > 0 or specs[0].weight is not None  # the seed picks the rows
+    identity = json.dumps({"role": role, "files": sources.fingerprint(path), "val_split": cfg.val_split,
+                           "seed": cfg.seed if seeded else None})
+    return datacache.key(tokenizer, [identity], _settings(cfg))
+
+
+def _settings(cfg: TrainConfig) -> dict[str, Any]:
+    return dict(max_seq_length=cfg.max_seq_length, truncation=cfg.truncation, train_on_inputs=cfg.train_on_inputs)
+
+
+def _cached(digest: str, name: str, cfg: TrainConfig) -> tuple[Any, EncodeStats, dict[str, int]] | None:
+    from .. import datacache
+
+    cached = datacache.load(digest)
     if cached is not None:
-        dataset, stats = cached
-        report(stats, name, cfg.max_seq_length, cfg.truncation)  # the same warnings as when it was encoded
+        report(cached[1], name, cfg.max_seq_length, cfg.truncation)  # the same warnings as when it was encoded
         log.info("%s: tokenised rows reused from the data cache (%s)", name, datacache.root() / digest)
-        return dataset, stats
-    columns, stats = encode_rows(tokenizer, rows.conversations(), name=name, **settings)
+    return cached
+
+
+def encode_dataset(cfg: TrainConfig, tokenizer: Any, rows: sources.Mixture, name: str,
+                   digest: str = "") -> tuple[Any, EncodeStats, dict[str, int]]:
+    """The rows' token ids and labels as a Dataset (tokenised on --num_proc processes), stored in the data cache
+    unless this is a dry run; rows keyed by their text where the files could not key them (Hub data)."""
+    from .. import datacache
+
+    if cfg.data_cache and not digest:
+        digest = datacache.key(tokenizer, rows.texts(), _settings(cfg))
+        cached = _cached(digest, name, cfg)
+        if cached is not None:
+            return cached
+    dataset, stats = encode_table(tokenizer, rows.rows, name=name, num_proc=num_processes(cfg.num_proc),
+                                  **_settings(cfg))
     if digest and not cfg.dry_run:
-        return datacache.save(digest, columns, stats), stats
-    return Dataset.from_dict(columns), stats
+        dataset = datacache.save(digest, dataset, stats, rows.counts)
+    return dataset, stats, rows.counts
+
+
+def num_processes(requested: int) -> int:
+    """--num_proc, or the cores this process may use (0)."""
+    import os
+
+    if requested > 0:
+        return requested
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
