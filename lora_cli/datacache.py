@@ -58,6 +58,29 @@ def key(tokenizer: Any, rows: Iterable[Conversation | str], settings: dict[str, 
     return h.hexdigest()[:32]
 
 
+def known_valid(identity: str) -> bool:
+    """Whether rows with this identity (train.dataset's digest of their files) were read and validated before: then
+    lora-train may resolve the model before reading them, as the data cache will likely spare reading them at all."""
+    return bool(identity) and (_validated() / _digest(identity)).is_file()
+
+
+def mark_valid(identity: str) -> None:
+    try:
+        _validated().mkdir(parents=True, exist_ok=True)
+        (_validated() / _digest(identity)).touch()
+    except OSError:  # a read-only cache: the data is read first next time too
+        pass
+
+
+def _validated() -> Path:
+    return root() / ".validated"
+
+
+def _digest(identity: str) -> str:
+    # the reading rules (data.normalise_row) are part of ENCODING_VERSION: a new version validates again
+    return hashlib.sha256(f"{FORMAT}:{ENCODING_VERSION}:{identity}".encode()).hexdigest()[:32]
+
+
 def _versions(*packages: str) -> dict[str, str | None]:
     """Library versions that decide how text and templates tokenise."""
     from importlib.metadata import PackageNotFoundError, version
@@ -101,11 +124,9 @@ def _discard(path: Path) -> None:
 
 
 def save(digest: str, dataset: Any, stats: EncodeStats, counts: dict[str, int] | None = None) -> Any:
-    """Store the encoded Dataset (input_ids, labels) and return it read back from the entry; the entry appears
+    """Store the encoded Dataset (input_ids, labels) and return it; the entry appears
     whole or not at all (written aside, then renamed), so concurrent processes and interrupted runs never leave a
     half entry that would be read."""
-    from datasets import Dataset
-
     final = root() / digest
     try:
         # Readable by the cache's other users; the move fails when another process stored the same entry first:
@@ -117,5 +138,4 @@ def save(digest: str, dataset: Any, stats: EncodeStats, counts: dict[str, int] |
     except OSError as exc:
         if not final.is_dir():  # a read-only or full cache disk must not stop training
             log.warning("could not write the data cache in %s (%s); continuing without it", final.parent, exc)
-            return dataset
-    return Dataset.load_from_disk(str(final / "data"))
+    return dataset

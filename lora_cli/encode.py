@@ -162,6 +162,33 @@ def encode_table(tokenizer: Any, table: Any, *, max_seq_length: int, truncation:
     return mapped.select(kept).select_columns(["input_ids", "labels"]), stats
 
 
+def encode_stream(tokenizer: Any, stream: Any, stats: EncodeStats, counts: dict[str, int], *, max_seq_length: int,
+                  truncation: str, train_on_inputs: bool, batch_size: int = 64) -> Any:
+    """The kept rows of an iterable dataset of canonical rows (sources.stream), tokenised as training reads them;
+    `stats` and `counts` (rows per source) grow with every row read, as encode_rows counts them."""
+    from datasets import Features, Sequence, Value
+
+    from .sources.mixture import conversation
+
+    settings = dict(max_seq_length=max_seq_length, truncation=truncation, train_on_inputs=train_on_inputs)
+
+    def encode_batch(texts: list[str], labels: list[str]) -> dict[str, list]:
+        out: dict[str, list] = {"input_ids": [], "labels": []}
+        for text, label in zip(texts, labels):
+            row = conversation(text)
+            encoded = encode_row(tokenizer, row, **settings)
+            stats.add(encoded, row.where)
+            counts[label] = counts.get(label, 0) + 1
+            if encoded.kept:
+                out["input_ids"].append(encoded.input_ids)
+                out["labels"].append(encoded.labels)
+        return out
+
+    ints = Sequence(Value("int32"))
+    return stream.map(encode_batch, input_columns=["row", "source"], batched=True, batch_size=batch_size,
+                      remove_columns=["row", "source"], features=Features({"input_ids": ints, "labels": ints}))
+
+
 def _table_stats(mapped: Any, np: Any) -> EncodeStats:
     """The counts EncodeStats.add makes row by row, from encode_table's columns."""
     col = {k: mapped.data.column(k).to_numpy(zero_copy_only=False) for k in _STATS}

@@ -33,7 +33,7 @@ def test_second_run_reuses_the_encoding_and_gets_the_same_rows(tiny_llama, chat_
     def no_encoding(*args, **kwargs):
         raise AssertionError("the cached rows should have been used")
 
-    monkeypatch.setattr(train_module, "encode_rows", no_encoding)
+    monkeypatch.setattr(train_module, "encode_table", no_encoding)
     with caplog.at_level(logging.INFO, logger="lora_cli"):
         second = _prepare(tiny_llama, chat_file, tmp_path / "b")
     assert "reused from the data cache" in caplog.text

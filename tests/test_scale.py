@@ -85,3 +85,46 @@ def test_num_proc_is_validated(tmp_path):
 
     with pytest.raises(UsageError, match="--num_proc: must be >= 0, got -1"):
         config.parse_args(["--train_path", _rows(tmp_path, 2), "--output_dir", "o", "--num_proc", "-1"])
+
+
+def test_streaming_trains_with_masks_and_counts(tiny_llama, tmp_path):
+    """--streaming: the rows reach the trainer tokenised as in a prepared run (same ids and labels, in mixture order)
+    and train_metrics.json counts the rows read, per source too."""
+    import json
+
+    from lora_cli.encode import encode_row
+    from lora_cli.sources.mixture import conversation
+
+    from .conftest import run_cli
+
+    a = write_jsonl(tmp_path / "a.jsonl", [{"messages": CHAT}] * 3)
+    long_answer = {"messages": [{"role": "user", "content": "Why " * 80}, {"role": "assistant", "content": "Ok."}]}
+    b = write_jsonl(tmp_path / "b.jsonl", [long_answer, {"messages": CHAT[1:3]}])
+    args = ["--base_model", str(tiny_llama), "--train_path", f"{a},{b}", "--streaming", "--max_seq_length", "64",
+            "--output_dir", str(tmp_path / "out"), *TINY_TRAIN]
+    cfg = config.parse_args(args)
+    prepared = prepare(cfg)
+    rows = list(prepared.train)
+    expected = [encode_row(prepared.tokenizer, conversation(t), max_seq_length=64, truncation="drop",
+                           train_on_inputs=False) for t in sources.load(f"{a},{b}", 0).texts()]
+    kept = [e for e in expected if e.kept]
+    assert [r["input_ids"] for r in rows] == [e.input_ids for e in kept]
+    assert [r["labels"] for r in rows] == [e.labels for e in kept]
+    assert prepared.train_stats.rows == 5 and prepared.train_stats.dropped_too_long == 1  # counted as read
+    assert run_cli(args) == 0
+    metrics = json.loads((tmp_path / "out" / "train_metrics.json").read_text())
+    # 3 steps of 2 rows over a stream of 4 kept rows: one pass and a half, every row read is counted
+    assert metrics["data"]["kept"] >= 6 and metrics["data"]["dropped_too_long"] >= 1
+    assert set(metrics["data_sources"]) == {str(a), str(b)}
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "--streaming needs --max_steps"),
+    (["--max_steps", "3", "--val_split", "0.2"], "--streaming cannot hold out --val_split"),
+    (["--max_steps", "3", "--packing"], "--streaming with --packing"),
+])
+def test_streaming_settings_that_cannot_work_are_refused(tmp_path, extra, message):
+    from lora_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        config.parse_args(["--train_path", _rows(tmp_path, 2), "--output_dir", "o", "--streaming", *extra])

@@ -61,6 +61,10 @@ class TrainConfig(TemplateOptions, EvalDataOptions, TrainDataOptions, ComputeOpt
                            group="data", resumable=True)
     num_proc: int = opt(0, "Processes that tokenise the data (0: the cores available). Output is the same for any "
                            "number.", group="data", resumable=True)
+    streaming: bool = opt(False, "Train from the data as it is read (an iterable dataset), for data larger than memory "
+                                 "or the data cache: needs --max_steps; rows are tokenised as training takes them, a "
+                                 "bad row stops the run when it is reached, and the counts in train_metrics.json "
+                                 "cover the rows read.", group="data")
 
     # --- LoRA --------------------------------------------------------------------------------------------------------
     lora_r: int = opt(16, "LoRA rank.", group="lora")

@@ -55,6 +55,12 @@ def train_problems(cfg: Any) -> list[str]:
         errors.append("--eval_path and --val_split both set: choose one source of evaluation data")
     if not 0 <= cfg.val_split < 1:
         errors.append(f"--val_split: must be in [0, 1), got {cfg.val_split}")
+    if cfg.streaming:
+        errors += [f"--streaming {why}" for bad, why in (
+            (cfg.max_steps <= 0, "needs --max_steps (the length of a stream is not known in advance)"),
+            (cfg.val_split > 0, "cannot hold out --val_split rows: give --eval_path"),
+            (cfg.packing, "with --packing is not supported: packing needs the rows' lengths in advance"),
+            (cfg.method != "sft", f"is for --method sft, not {cfg.method}")) if bad]
     if cfg.quantization != "none" and cfg.init_lora_weights in ("pissa", "olora"):
         errors.append(f"--init_lora_weights {cfg.init_lora_weights} needs full-precision base weights: drop it or "
                       f"drop {typed(cfg, 'quantization')}")

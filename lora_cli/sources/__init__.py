@@ -12,5 +12,6 @@ mixture.py normalises them into an Arrow table on disk and picks each source's s
 from .mixture import Mixture, load, pick, report
 from .read import fingerprint, scan
 from .spec import Source, parse, problem
+from .stream import stream
 
-__all__ = ["Mixture", "Source", "fingerprint", "load", "parse", "pick", "problem", "report", "scan"]
+__all__ = ["Mixture", "Source", "fingerprint", "load", "parse", "pick", "problem", "report", "scan", "stream"]

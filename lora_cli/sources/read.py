@@ -17,14 +17,15 @@ SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what
 SUPPORTED = (*data.JSONL_SUFFIXES, ".json", ".csv", *data.DATASETS_SUFFIXES)
 
 
-def scan(source: Source) -> Iterator[tuple[str, Any]]:
+def scan(source: Source, streaming: bool = False) -> Iterator[tuple[str, Any]]:
     """Every raw row of the source (at most its limit) with where it is; a JSON Lines line that does not parse is
-    yielded as its DataError (lora-data reports them all; training stops at the first)."""
-    rows = _rows(source)
+    yielded as its DataError (lora-data reports them all; training stops at the first). `streaming`: a Hub dataset
+    is read as it downloads, never stored whole."""
+    rows = _rows(source, streaming)
     return itertools.islice(rows, source.limit) if source.limit else rows
 
 
-def _rows(source: Source) -> Iterator[tuple[str, Any]]:
+def _rows(source: Source, streaming: bool = False) -> Iterator[tuple[str, Any]]:
     if source.kind == "file":
         yield from data.scan_rows(source.path)
     elif source.kind == "glob":
@@ -42,7 +43,7 @@ def _rows(source: Source) -> Iterator[tuple[str, Any]]:
         for shard in shards:
             yield from data.scan_rows(str(shard))
     else:
-        yield from _hub(source)
+        yield from _hub(source, streaming)
 
 
 def files(source: Source) -> list[Path]:
@@ -58,7 +59,20 @@ def files(source: Source) -> list[Path]:
 
 def fingerprint(text: str) -> str:
     """sha256 of what a data spec reads: each source's label, weight and limit, and the bytes of its local files
-    (a Hub dataset by its id, configuration, split and revision)."""
+    (a Hub dataset by its id, configuration, split and revision). Hashed once per process while no file changes
+    (lora-train asks for it for the data cache and for --resume)."""
+    stamp = tuple((str(p), st.st_size, st.st_mtime_ns) for s in parse(text) for p in files(s) for st in [p.stat()])
+    if (text, stamp) not in _fingerprints:
+        if len(_fingerprints) > 8:
+            _fingerprints.clear()
+        _fingerprints[(text, stamp)] = _fingerprint(text)
+    return _fingerprints[(text, stamp)]
+
+
+_fingerprints: dict[tuple, str] = {}
+
+
+def _fingerprint(text: str) -> str:
     import hashlib
 
     def add(digest: Any, path: Path) -> Any:
@@ -94,14 +108,14 @@ def _saved(source: Source) -> Iterator[tuple[str, Any]]:
     yield from _numbered(source.label, loaded)
 
 
-def _hub(source: Source) -> Iterator[tuple[str, Any]]:
+def _hub(source: Source, streaming: bool = False) -> Iterator[tuple[str, Any]]:
     """A Hub dataset through datasets.load_dataset (its own cache; HF_HUB_OFFLINE=1 reads only that cache)."""
     import datasets
 
     datasets.disable_progress_bars()
     try:
         loaded = datasets.load_dataset(source.path, source.name, split=source.split or "train",
-                                       revision=source.revision)
+                                       revision=source.revision, streaming=streaming)
     except Exception as exc:  # network, missing dataset, wrong split: many types
         raise DataError(f"{source.label}: cannot load the dataset: {one_line(exc, 300)}") from None
     yield from _numbered(source.label, loaded)

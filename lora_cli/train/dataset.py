@@ -9,7 +9,8 @@ from typing import Any
 
 from .. import chat, models, sources
 from ..config import TrainConfig
-from ..encode import EncodeStats, encode_table, report
+from ..encode import EncodeStats, encode_stream, encode_table, report
+from ..errors import DataError
 
 log = logging.getLogger("lora_cli")
 
@@ -25,23 +26,35 @@ class Prepared:
     train_stats: EncodeStats
     eval_stats: EncodeStats | None
     train_sources: dict[str, int] = field(default_factory=dict)  # source: rows in the training mixture
+    streaming: bool = False  # train is an IterableDataset; train_stats and train_sources grow as it is read
 
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
-    """Read, validate and tokenise the data (and the tokenizer it needs), before any model weights load. A run whose
-    data was encoded before (same files, tokenizer, template and settings) reads it from the data cache without
-    reading the files again."""
-    base = models.resolve(cfg.base_model)
-    tokenizer = models.load_tokenizer(base, cfg.trust_remote_code)
-    chat.resolve_chat_template(tokenizer, cfg.chat_template, chat.parse_template_kwargs(cfg.chat_template_kwargs))
+    """Read, validate and tokenise the data (and the tokenizer it needs), before any model weights load. Data not
+    seen before is read and validated before the model is even resolved, so bad rows fail in seconds; a run whose
+    files were encoded before (same files, tokenizer, template and settings) takes them from the data cache without
+    reading them again."""
+    from .. import datacache
+
+    if cfg.streaming:
+        return _streaming(cfg, *_tokenizer(cfg))
     names = {"train": cfg.train_path, **({"eval": cfg.eval_path or "validation split"}
                                           if cfg.eval_path or cfg.val_split > 0 else {})}
-    keys = {role: _key(cfg, tokenizer, role) for role in names}
-    found = {role: _cached(keys[role], names[role], cfg) for role in names if keys[role]}
-    counts = found["train"][2] if "train" in found and found["train"] else {}
-    if not all(found.get(role) for role in names):
+    identities = {role: _identity(cfg, role) for role in names}
+    mixtures = None
+    if not all(identities.values()) or not all(map(datacache.known_valid, identities.values())):
         mixtures = _read(cfg)
+        if not cfg.dry_run:
+            for identity in filter(None, identities.values()):
+                datacache.mark_valid(identity)
+    base, tokenizer = _tokenizer(cfg)
+    keys = {role: datacache.key(tokenizer, [identities[role]], _settings(cfg)) if identities[role] else ""
+            for role in names}
+    found = {role: _cached(keys[role], names[role], cfg) for role in names if keys[role]}
+    counts = found["train"][2] if found.get("train") else {}
+    if not all(found.get(role) for role in names):
+        mixtures = mixtures or _read(cfg)
         counts = mixtures["train"].counts
         for role in names:
             if not found.get(role):
@@ -55,6 +68,31 @@ def prepare(cfg: TrainConfig) -> Prepared:
     return Prepared(base, tokenizer, train, evaluation[0] if evaluation else None, train_stats, eval_stats, counts)
 
 
+def _tokenizer(cfg: TrainConfig) -> tuple[models.BaseModel, Any]:
+    base = models.resolve(cfg.base_model)
+    tokenizer = models.load_tokenizer(base, cfg.trust_remote_code)
+    chat.resolve_chat_template(tokenizer, cfg.chat_template, chat.parse_template_kwargs(cfg.chat_template_kwargs))
+    return base, tokenizer
+
+
+def _streaming(cfg: TrainConfig, base: models.BaseModel, tokenizer: Any) -> Prepared:
+    """--streaming: the training rows as an iterable dataset tokenised as the trainer reads it; the counts (and
+    train_stats) fill in as it goes. The first row is read now, so that a source that cannot be read fails here."""
+    probe = EncodeStats()
+    next(iter(encode_stream(tokenizer, sources.stream(cfg.train_path, cfg.seed), probe, {}, **_settings(cfg))), None)
+    if not probe.rows:
+        raise DataError(f"{cfg.train_path}: no rows")
+    stats, counts = EncodeStats(), {}
+    train = encode_stream(tokenizer, sources.stream(cfg.train_path, cfg.seed), stats, counts, **_settings(cfg))
+    evaluation = eval_stats = None
+    if cfg.eval_path:
+        evaluation, eval_stats, _ = encode_dataset(cfg, tokenizer, sources.load(cfg.eval_path, cfg.seed, "eval_path"),
+                                                   cfg.eval_path)
+    log.info("data: streaming %s (tokenised as training reads it; counts in train_metrics.json)%s", cfg.train_path,
+             f", {eval_stats.kept} evaluation conversations" if eval_stats else "")
+    return Prepared(base, tokenizer, train, evaluation, stats, eval_stats, counts, streaming=True)
+
+
 def _read(cfg: TrainConfig) -> dict[str, sources.Mixture]:
     train = sources.load(cfg.train_path, cfg.seed, "train_path")
     if cfg.val_split > 0:
@@ -63,19 +101,16 @@ def _read(cfg: TrainConfig) -> dict[str, sources.Mixture]:
     return {"train": train, **({"eval": sources.load(cfg.eval_path, cfg.seed, "eval_path")} if cfg.eval_path else {})}
 
 
-def _key(cfg: TrainConfig, tokenizer: Any, role: str) -> str:
-    """The data cache entry of the training or evaluation rows, from the digest of the files they are read from
-    (so a cached run reads none of them); empty without the cache or for Hub data (keyed by its rows instead)."""
-    from .. import datacache
-
+def _identity(cfg: TrainConfig, role: str) -> str:
+    """What the training or evaluation rows are, from the digest of the files they are read from (so that a cached
+    run reads none of them); empty without the cache, or for Hub data (keyed by its rows once read)."""
     path = cfg.train_path if role == "train" or cfg.val_split > 0 else cfg.eval_path
     specs = sources.parse(path, "train_path" if path == cfg.train_path else "eval_path")
     if not cfg.data_cache or any(s.kind == "hub" for s in specs):
         return ""
     seeded = cfg.val_split > 0 or specs[0].weight is not None  # the seed picks the rows
-    identity = json.dumps({"role": role, "files": sources.fingerprint(path), "val_split": cfg.val_split,
-                           "seed": cfg.seed if seeded else None})
-    return datacache.key(tokenizer, [identity], _settings(cfg))
+    return json.dumps({"role": role, "files": sources.fingerprint(path), "val_split": cfg.val_split,
+                       "seed": cfg.seed if seeded else None})
 
 
 def _settings(cfg: TrainConfig) -> dict[str, Any]:

@@ -36,8 +36,9 @@ def quantization(cfg: TrainConfig) -> str | None:
 
 def step_plan(cfg: TrainConfig, model: Any, precision: str, stats: EncodeStats) -> StepPlan:
     """The plan of each optimizer step; one function, so that --dry_run estimates exactly the run training does."""
-    micro, accumulation, padding_free = micro_batching(cfg, stats.longest)
-    seq_len = cfg.max_seq_length if cfg.packing else min(stats.longest, cfg.max_seq_length)
+    longest = cfg.max_seq_length if cfg.streaming else stats.longest  # a stream's rows are not known in advance
+    micro, accumulation, padding_free = micro_batching(cfg, longest)
+    seq_len = cfg.max_seq_length if cfg.packing else min(longest, cfg.max_seq_length)
     checkpointing = decide_gradient_checkpointing(cfg, model, precision, micro, seq_len)
     return StepPlan(micro, accumulation, padding_free, seq_len, checkpointing)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import checkpoints, config, fsutil
 from ..config import TrainConfig
+from ..encode import report
 from ..filenames import RUN_CONFIG, TRAIN_METRICS
 from .dataset import Prepared
 
@@ -54,6 +55,8 @@ def run_training(cfg: TrainConfig, trainer: Any, prepared: Prepared, out: Path, 
             f"{out / f'checkpoint-{trainer.state.global_step}'}. Continue with the same command plus --resume",
             stopper.signum)
     metrics.update(result.metrics)
+    if prepared.streaming and prepared.train_stats.kept:  # the warnings a prepared dataset gives before training
+        report(prepared.train_stats, cfg.train_path, cfg.max_seq_length, cfg.truncation)
     if trainer.eval_dataset is not None:
         evals = [e for e in trainer.state.log_history if "eval_loss" in e]
         if evals and evals[-1].get("step") == trainer.state.global_step:  # the trainer just evaluated
