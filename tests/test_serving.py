@@ -5,7 +5,6 @@ well; adapters vLLM cannot serve are named when training starts."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

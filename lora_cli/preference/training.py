@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .. import chat, data, models
+from .. import chat, data
 from ..config import LOSS_TYPES, TrainConfig, trainer_args
-from ..train.dataset import Prepared
+from ..train.dataset import Prepared, load_tokenizer
 from ..train.plan import StepPlan, decide_gradient_checkpointing
 from ..train.trainer import LoraCliTrainer, check_launch, training_arguments
 from . import encoding, rows
@@ -32,9 +32,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     eval_rows = rows.load(cfg.eval_path, kind, cfg.seed) if cfg.eval_path else []
     if cfg.val_split > 0:
         train_rows, eval_rows = data.split_validation(train_rows, cfg.val_split, cfg.seed)
-    base = models.resolve(cfg.base_model)
-    tokenizer = models.load_tokenizer(base, cfg.trust_remote_code)
-    chat.resolve_chat_template(tokenizer, cfg.chat_template, chat.parse_template_kwargs(cfg.chat_template_kwargs))
+    base, tokenizer = load_tokenizer(cfg)
     train, train_stats = encode_dataset(cfg, tokenizer, train_rows, cfg.train_path)
     evaluation = eval_stats = None
     if eval_rows:

@@ -38,7 +38,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     from .. import datacache
 
     if cfg.streaming:
-        return _streaming(cfg, *_tokenizer(cfg))
+        return _streaming(cfg, *load_tokenizer(cfg))
     names = {"train": cfg.train_path, **({"eval": cfg.eval_path or "validation split"}
                                           if cfg.eval_path or cfg.val_split > 0 else {})}
     identities = {role: _identity(cfg, role) for role in names}
@@ -48,7 +48,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         if not cfg.dry_run:
             for identity in filter(None, identities.values()):
                 datacache.mark_valid(identity)
-    base, tokenizer = _tokenizer(cfg)
+    base, tokenizer = load_tokenizer(cfg)
     keys = {role: datacache.key(tokenizer, [identities[role]], _settings(cfg)) if identities[role] else ""
             for role in names}
     found = {role: _cached(keys[role], names[role], cfg) for role in names if keys[role]}
@@ -68,7 +68,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
     return Prepared(base, tokenizer, train, evaluation[0] if evaluation else None, train_stats, eval_stats, counts)
 
 
-def _tokenizer(cfg: TrainConfig) -> tuple[models.BaseModel, Any]:
+def load_tokenizer(cfg: TrainConfig) -> tuple[models.BaseModel, Any]:
+    """The base model (resolved, not loaded) and its tokenizer with the chat template lora-train uses (--chat_template,
+    --chat_template_kwargs): every --method trains with this one."""
     base = models.resolve(cfg.base_model)
     tokenizer = models.load_tokenizer(base, cfg.trust_remote_code)
     chat.resolve_chat_template(tokenizer, cfg.chat_template, chat.parse_template_kwargs(cfg.chat_template_kwargs))
