@@ -1,4 +1,4 @@
-"""Chat templates and assistant-only loss masks that are right by construction, or an error.
+"""Where each assistant turn's trained text lies in the rendered conversation.
 
 Each assistant turn's trained span runs from the end of the generation prompt to its end-of-turn token, located
 structurally, never by searching for the answer's text: a template with `{% generation %}` markers gives the spans
@@ -10,97 +10,15 @@ up so, the conversation cannot be masked with certainty and DataError says where
 
 from __future__ import annotations
 
-import json
-import logging
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from .errors import DataError, UsageError
+from ..errors import DataError
+from .template import render, template_kwargs
 
-log = logging.getLogger("lora_cli")
-
-IGNORE_INDEX = -100
-TEMPLATE_KWARGS = "_lora_cli_chat_template_kwargs"  # tokenizer attribute: --chat_template_kwargs, for every render
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _HINT = "pass --chat_template with a template that renders it (see README: tool calls and reasoning)"
-
-
-def chatml_template(end_of_turn: str) -> str:
-    return ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '"
-            + end_of_turn + "' + '\\n' }}{% endfor %}"
-            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-
-def resolve_chat_template(tokenizer: Any, override: str, template_kwargs: dict[str, Any] | None = None) -> str:
-    """Set and return the template to train with: --chat_template, else the model's own, else ChatML (warned).
-    `template_kwargs` (--chat_template_kwargs, e.g. enable_thinking) are kept on the tokenizer for every render."""
-    set_template_kwargs(tokenizer, template_kwargs)
-    if override and override != "chatml":
-        template = Path(override).read_text(encoding="utf-8")
-        source = override
-    elif override == "chatml" or not getattr(tokenizer, "chat_template", None):
-        # End turns with <|im_end|> where the vocabulary has it as one token, else with the model's own EOS, so that
-        # generation stops where training taught it to.
-        vocab = tokenizer.get_vocab()
-        end = "<|im_end|>" if "<|im_end|>" in vocab else (tokenizer.eos_token or "<|im_end|>")
-        template = chatml_template(end)
-        source = "chatml"
-        if not override:
-            log.warning("the tokenizer has no chat template: using ChatML with end-of-turn %r "
-                        "(pass --chat_template to choose another)", end)
-    else:
-        return tokenizer.chat_template
-    tokenizer.chat_template = template
-    try:
-        render(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
-    except Exception as exc:  # jinja raises several types
-        raise UsageError(f"--chat_template {source}: the template does not render: {exc}") from None
-    return template
-
-
-TEMPLATE_KWARGS_HELP = ("Extra variables for the chat template, as a JSON object (YAML: a mapping), e.g. "
-                        "'{\"enable_thinking\": false}' for Qwen3. Used wherever the template renders: training, "
-                        "lora-data, lora-eval.")
-# apply_chat_template's own arguments: not template variables.
-_RESERVED = {"messages", "conversation", "tools", "documents", "add_generation_prompt", "continue_final_message",
-             "tokenize", "chat_template", "return_dict", "return_assistant_tokens_mask", "padding", "truncation",
-             "max_length", "return_tensors", "tokenizer_kwargs"}
-
-
-def parse_template_kwargs(text: str) -> dict[str, Any]:
-    """--chat_template_kwargs as a mapping (config validation has checked it)."""
-    return json.loads(text) if text.strip() else {}
-
-
-def template_kwargs_problem(text: str) -> str | None:
-    if not text.strip():
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        return f"--chat_template_kwargs: not valid JSON ({exc})"
-    if not isinstance(value, dict):
-        return f"--chat_template_kwargs: expected a JSON object such as '{{\"enable_thinking\": false}}', got {text!r}"
-    clash = sorted(_RESERVED & set(value))
-    if clash:
-        return f"--chat_template_kwargs: {', '.join(clash)} cannot be set here (lora_cli sets it)"
-    return None
-
-
-def set_template_kwargs(tokenizer: Any, template_kwargs: dict[str, Any] | None) -> None:
-    setattr(tokenizer, TEMPLATE_KWARGS, dict(template_kwargs or {}))
-
-
-def template_kwargs(tokenizer: Any) -> dict[str, Any]:
-    return getattr(tokenizer, TEMPLATE_KWARGS, None) or {}
-
-
-def render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False,
-           tools: list[dict] | None = None) -> str:
-    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt, **template_kwargs(tokenizer))
 
 
 def model_name(tokenizer: Any) -> str:
@@ -359,93 +277,3 @@ def _generation_spans(tokenizer: Any, messages: list[dict], text: str, where: st
         raise DataError(f"{where}: the chat template's generation markers do not enclose each assistant turn once; "
                         f"{_HINT}")
     return spans
-
-
-@dataclass
-class Encoded:
-    input_ids: list[int]
-    labels: list[int]
-    turns: int  # assistant turns
-    turns_with_end: int  # assistant turns whose end-of-turn token is trained
-    reasoning_turns: int = 0  # assistant turns that carry reasoning
-    reasoning_trained: int = 0  # ... whose reasoning the template renders, so it is in the loss
-
-    @property
-    def trained(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE_INDEX)
-
-
-def encode(tokenizer: Any, messages: list[dict], train_on_inputs: bool = False, where: str = "",
-           tools: list[dict] | None = None) -> Encoded:
-    """Token ids and labels (-100 outside assistant turns, unless train_on_inputs) for one conversation."""
-    found = locate_turns(tokenizer, messages, where, tools)
-    text, spans = found.text, found.spans
-    if tokenizer.is_fast:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    else:  # slow tokenizers have no offsets: encode piece by piece at the span boundaries
-        ids, offsets = [], []
-        cuts = sorted({0, len(text), *(s.start for s in spans), *(s.end for s in spans)})
-        for a, b in zip(cuts, cuts[1:]):
-            piece = tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
-            ids += piece
-            offsets += [(a, b)] * len(piece)  # pieces are cut at span boundaries: wholly in or out
-    in_span = _in_spans(offsets, spans, text, where)
-    labels = list(ids) if train_on_inputs else [t if keep else IGNORE_INDEX for t, keep in zip(ids, in_span)]
-    if _missing_bos(tokenizer, ids):
-        ids, labels = [tokenizer.bos_token_id, *ids], [IGNORE_INDEX, *labels]
-    return Encoded(ids, labels, len(spans), sum(s.has_end_of_turn for s in spans), found.reasoning_turns,
-                   found.reasoning_rendered)
-
-
-def _in_spans(offsets: list[tuple[int, int]], spans: list[Span], text: str, where: str) -> list[bool]:
-    """Which tokens are trained: a token overlapping a span is (with a generation prompt ending in a space,
-    "assistant: ", the first answer token " Hello" starts inside the prompt and would otherwise never be learned).
-    One pass over tokens and spans, both in text order."""
-    ordered = sorted(spans, key=lambda s: s.start)
-    result, k = [], 0
-    for start, end in offsets:
-        if k and start < ordered[k - 1].end:  # an offset before the previous one (never seen): look again
-            k = 0
-        while k < len(ordered) and ordered[k].end <= start:
-            k += 1
-        span = ordered[k] if k < len(ordered) else None
-        if span is not None and span.end < end:  # one token across a turn's end would train the next turn's text
-            raise DataError(f"{where}: a token spans the end of an assistant turn ({text[start:end]!r}), so the "
-                            f"mask cannot stop exactly at the turn's end; {_HINT}")
-        result.append(span is not None and max(end, start + 1) > span.start)
-    return result
-
-
-def encode_prompt(tokenizer: Any, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-    """Token ids of a conversation so far plus the generation prompt: the input from which the model answers,
-    tokenised as encode() tokenises the same text in training."""
-    text = render(tokenizer, messages, add_generation_prompt=True, tools=tools)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return [tokenizer.bos_token_id, *ids] if _missing_bos(tokenizer, ids) else ids
-
-
-def end_of_turn_ids(tokenizer: Any) -> list[int]:
-    """Where generation must stop: the token that closes an assistant turn under the current template (e.g.
-    <|im_end|>, <|eot_id|>), as encode() finds it for training, then EOS."""
-    probe = encode(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
-    trained = [label for label in probe.labels if label != IGNORE_INDEX]
-    ids = [trained[-1]] if probe.turns_with_end and trained else []
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
-def _missing_bos(tokenizer: Any, ids: list[int]) -> bool:
-    """The template left out the BOS the model expects (the tokenizer adds one to plain text)."""
-    bos = tokenizer.bos_token_id
-    return bos is not None and _adds_bos(tokenizer) and (not ids or ids[0] != bos)
-
-
-def _adds_bos(tokenizer: Any) -> bool:
-    cached = getattr(tokenizer, "_lora_cli_adds_bos", None)
-    if cached is None:
-        probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-        cached = bool(probe) and probe[0] == tokenizer.bos_token_id
-        tokenizer._lora_cli_adds_bos = cached
-    return cached

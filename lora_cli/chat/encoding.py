@@ -1,0 +1,103 @@
+"""A conversation as token ids and labels (the assistant-only loss mask), the prompt a model answers from, and the
+ids that end its answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import DataError
+from .template import render
+from .turns import _HINT, Span, locate_turns
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    turns: int  # assistant turns
+    turns_with_end: int  # assistant turns whose end-of-turn token is trained
+    reasoning_turns: int = 0  # assistant turns that carry reasoning
+    reasoning_trained: int = 0  # ... whose reasoning the template renders, so it is in the loss
+
+    @property
+    def trained(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+def encode(tokenizer: Any, messages: list[dict], train_on_inputs: bool = False, where: str = "",
+           tools: list[dict] | None = None) -> Encoded:
+    """Token ids and labels (-100 outside assistant turns, unless train_on_inputs) for one conversation."""
+    found = locate_turns(tokenizer, messages, where, tools)
+    text, spans = found.text, found.spans
+    if tokenizer.is_fast:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    else:  # slow tokenizers have no offsets: encode piece by piece at the span boundaries
+        ids, offsets = [], []
+        cuts = sorted({0, len(text), *(s.start for s in spans), *(s.end for s in spans)})
+        for a, b in zip(cuts, cuts[1:]):
+            piece = tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
+            ids += piece
+            offsets += [(a, b)] * len(piece)  # pieces are cut at span boundaries: wholly in or out
+    in_span = _in_spans(offsets, spans, text, where)
+    labels = list(ids) if train_on_inputs else [t if keep else IGNORE_INDEX for t, keep in zip(ids, in_span)]
+    if _missing_bos(tokenizer, ids):
+        ids, labels = [tokenizer.bos_token_id, *ids], [IGNORE_INDEX, *labels]
+    return Encoded(ids, labels, len(spans), sum(s.has_end_of_turn for s in spans), found.reasoning_turns,
+                   found.reasoning_rendered)
+
+
+def _in_spans(offsets: list[tuple[int, int]], spans: list[Span], text: str, where: str) -> list[bool]:
+    """Which tokens are trained: a token overlapping a span is (with a generation prompt ending in a space,
+    "assistant: ", the first answer token " Hello" starts inside the prompt and would otherwise never be learned).
+    One pass over tokens and spans, both in text order."""
+    ordered = sorted(spans, key=lambda s: s.start)
+    result, k = [], 0
+    for start, end in offsets:
+        if k and start < ordered[k - 1].end:  # an offset before the previous one (never seen): look again
+            k = 0
+        while k < len(ordered) and ordered[k].end <= start:
+            k += 1
+        span = ordered[k] if k < len(ordered) else None
+        if span is not None and span.end < end:  # one token across a turn's end would train the next turn's text
+            raise DataError(f"{where}: a token spans the end of an assistant turn ({text[start:end]!r}), so the "
+                            f"mask cannot stop exactly at the turn's end; {_HINT}")
+        result.append(span is not None and max(end, start + 1) > span.start)
+    return result
+
+
+def encode_prompt(tokenizer: Any, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a conversation so far plus the generation prompt: the input from which the model answers,
+    tokenised as encode() tokenises the same text in training."""
+    text = render(tokenizer, messages, add_generation_prompt=True, tools=tools)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [tokenizer.bos_token_id, *ids] if _missing_bos(tokenizer, ids) else ids
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """Where generation must stop: the token that closes an assistant turn under the current template (e.g.
+    <|im_end|>, <|eot_id|>), as encode() finds it for training, then EOS."""
+    probe = encode(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    trained = [label for label in probe.labels if label != IGNORE_INDEX]
+    ids = [trained[-1]] if probe.turns_with_end and trained else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _missing_bos(tokenizer: Any, ids: list[int]) -> bool:
+    """The template left out the BOS the model expects (the tokenizer adds one to plain text)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and _adds_bos(tokenizer) and (not ids or ids[0] != bos)
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    cached = getattr(tokenizer, "_lora_cli_adds_bos", None)
+    if cached is None:
+        probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+        cached = bool(probe) and probe[0] == tokenizer.bos_token_id
+        tokenizer._lora_cli_adds_bos = cached
+    return cached
