@@ -25,6 +25,13 @@ def _tokenizer_folder(family: str) -> Path:
     return folder
 
 
+# Phi-3-medium's chat template (Phi-3-mini's ends a conversation rendered without a generation prompt with EOS, which
+# lora_cli's masking refuses: the conversation before a turn renders differently on its own)
+PHI3_TEMPLATE = ("{% for message in messages %}{% if (message['role'] == 'user') %}{{'<|user|>' + '\\n' + "
+                 "message['content'] + '<|end|>' + '\\n' + '<|assistant|>' + '\\n'}}{% elif (message['role'] == "
+                 "'assistant') %}{{message['content'] + '<|end|>' + '\\n'}}{% endif %}{% endfor %}")
+
+
 def _llama3_rope(factor: float) -> dict:
     return {"rope_type": "llama3", "rope_theta": 500000.0, "factor": factor, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -39,7 +46,11 @@ FAMILIES = {
     "qwen3": ("qwen3", "Qwen3Config", {"head_dim": 32}, "qwen2", None),
     # Mistral 7B v0.1-0.3 and Llama 2 share this SentencePiece format; npm has Llama 2's tokenizer, not Mistral's
     "mistral": ("llama2", "MistralConfig", {"sliding_window": None}, "default", INST_TEMPLATE),
+    # Phi-3's tokenizer is Llama 2's SentencePiece model plus its chat tokens (ids 32000-32010), added here
+    "phi3": ("llama2", "Phi3Config", {"sliding_window": None, "pad_token_id": 32000}, "default", PHI3_TEMPLATE),
 }
+PHI3_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
+               "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]
 
 
 def _tiny_family_model(family: str, folder: Path) -> Path:
@@ -51,6 +62,11 @@ def _tiny_family_model(family: str, folder: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_folder(tokenizer_name))
     if template:
         tokenizer.chat_template = template
+    if family == "phi3":
+        # Phi-3's own tokenizer.json strips the whitespace after these (rstrip), which lora_cli's masking refuses
+        # (the token then spans the end of the turn): added here as plain special tokens
+        tokenizer.add_special_tokens({"additional_special_tokens": PHI3_TOKENS}, replace_extra_special_tokens=False)
+        tokenizer.eos_token = "<|endoftext|>"
     settings = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 131072,
                 "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
@@ -71,7 +87,7 @@ def _tiny_family_model(family: str, folder: Path) -> Path:
 def test_family_exports_and_runs_in_llama_cpp(family, llama_cpp, tmp_path):
     from transformers.integrations.gguf import read_gguf_metadata
 
-    model = _tiny_family_model(family, tmp_path / family)
+    model = _tiny_family_model(family, tmp_path / "finetuned")  # a name that says no family (llama.cpp reads some)
     out = tmp_path / f"{family}.gguf"
     report = export(parse_args([str(model), str(out)], cls=ExportConfig))
     verification = report["verification"]
@@ -111,3 +127,24 @@ def test_q4_0_is_judged_against_the_source_rounded_as_the_file_stores_it(llama_c
     assert verification["rounding"]["top1_agreement"] < 0.8  # what q4_0 itself costs: the rounded reference differs
     logits = verification["logits"]
     assert logits["top1_agreement"] > 0.9 and logits["max_rel_logit_diff"] < TOLERANCES["q4_0"] / 4, logits
+
+
+def test_phi3_name_tells_llama_cpp_whether_the_tokenizer_strips(tmp_path):
+    """llama.cpp strips whitespace after Phi-3's special tokens when general.name says Phi-3: the name says so exactly
+    when the tokenizer strips (Phi-3's own tokenizer.json does)."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from lora_cli.export.command import model_name
+    from lora_cli.export.source import open_source
+
+    folder = _tiny_family_model("phi3", tmp_path / "my-phi3-finetune")
+    source, plain = open_source(folder), AutoTokenizer.from_pretrained(folder)
+    assert model_name(source, plain) == "my-Phi-finetune"
+    stripping = AutoTokenizer.from_pretrained(folder)
+    stripping.add_special_tokens({"additional_special_tokens": [AddedToken("<|tool|>", special=True, rstrip=True)]},
+                                 replace_extra_special_tokens=False)
+    assert model_name(source, stripping) == "my-phi3-finetune"
+    source.folder = tmp_path / "finetuned"
+    assert model_name(source, stripping) == "Phi-3 finetuned"
+    assert model_name(source, plain) == "finetuned"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,7 @@ def write_verified(cfg: ExportConfig, source: Source, plan: list[PlannedTensor],
     out.parent.mkdir(parents=True, exist_ok=True)
     fsutil.check_free_space(out, sum(t.nbytes for t in plan), f"OUT {out}: the GGUF")
     with fsutil.staged_file(out) as tmp:
-        write_gguf(tmp, source, plan, vocab, cfg.outtype, source.folder.resolve().name)
+        write_gguf(tmp, source, plan, vocab, cfg.outtype, model_name(source, tokenizer))
         counts: dict[str, int] = {}
         for t in plan:
             counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
@@ -91,6 +92,21 @@ def write_verified(cfg: ExportConfig, source: Source, plan: list[PlannedTensor],
         verification = verify_or_skip(cfg.verify, parameters * 4 * 2 * 1.5,
                                       lambda: _verify(cfg, source, tmp, tokenizer, vocab))
     return {"tensor_types": counts, "size_bytes": size, "verification": verification}
+
+
+def model_name(source: Source, tokenizer: Any) -> str:
+    """general.name: the folder's name. For the phi3 architecture llama.cpp strips the whitespace after special
+    tokens (as Phi-3's own tokenizer does: rstrip) exactly when the name says Phi-3 (llama-vocab.cpp), so a phi3
+    export's name says so exactly when its tokenizer strips."""
+    name = source.folder.resolve().name
+    if source.arch.gguf != "phi3":
+        return name
+    strips = any(t.rstrip for t in tokenizer.added_tokens_decoder.values()
+                 if t.special and t.content not in ("<unk>", "<s>", "<|endoftext|>"))
+    says = re.compile(r"phi-?3", re.IGNORECASE)
+    if strips and not says.search(name):
+        return f"Phi-3 {name}"
+    return name if strips else says.sub("Phi", name)
 
 
 def _verify(cfg: ExportConfig, source: Source, path: Path, tokenizer: Any, vocab: Vocab) -> dict[str, Any]:

@@ -25,7 +25,9 @@ class Arch:
 
 
 ARCHS = {"llama": Arch("llama", True, "Llama 2/3.x (incl. SmolLM)"), "mistral": Arch("llama", True, "Mistral"),
-         "qwen2": Arch("qwen2", False, "Qwen2/2.5"), "qwen3": Arch("qwen3", False, "Qwen3")}
+         "qwen2": Arch("qwen2", False, "Qwen2/2.5"), "qwen3": Arch("qwen3", False, "Qwen3"),
+         # fused qkv_proj and gate_up_proj are llama.cpp's attn_qkv and ffn_up as they are (gate half first)
+         "phi3": Arch("phi3", False, "Phi-3")}
 # RoPE variants llama.cpp reproduces from what lora-export writes: plain, and Llama 3.1's frequency-dependent
 # scaling (written as a rope_freqs tensor of per-frequency divisors, as llama.cpp's converter does).
 ROPE_TYPES = ("default", "llama3")
@@ -87,6 +89,9 @@ def open_source(folder: Path) -> Source:
     if rope_type not in ROPE_TYPES:
         raise UsageError(f"MODEL_DIR {folder}: rope scaling {rope_type!r} is not supported by lora-export yet (plain "
                          "RoPE and Llama 3.1's 'llama3' scaling are)")
+    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        raise UsageError(f"MODEL_DIR {folder}: rotary embeddings on part of each head (partial_rotary_factor "
+                         f"{config.partial_rotary_factor}, e.g. Phi-4-mini) are not supported by lora-export yet")
     window = getattr(config, "sliding_window", None)
     if window and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
         log.warning("the model attends over a sliding window of %d tokens, which llama.cpp's %s graph does not: "
