@@ -106,13 +106,18 @@ def _table(source: Source) -> Any:
     from datasets.arrow_writer import ArrowWriter
 
     path = Path(_work_dir()) / f"rows-{next(_counter)}.arrow"
-    with ArrowWriter(path=str(path), features=Features({"row": Value("string")}), writer_batch_size=10_000) as writer:
-        n = 0
+    with ArrowWriter(path=str(path), features=Features({"row": Value("string")})) as writer:
+        n, batch = 0, []
         for where, raw in scan(source):
             if isinstance(raw, DataError):
                 raise raw
-            writer.write({"row": canonical(where, data.normalise_row(raw, where), data.row_tools(raw, where))})
-            n += 1
+            batch.append(canonical(where, data.normalise_row(raw, where), data.row_tools(raw, where)))
+            if len(batch) == 10_000:  # whole batches: ArrowWriter.write converts row by row
+                writer.write_batch({"row": batch})
+                n, batch = n + len(batch), []
+        if batch:
+            writer.write_batch({"row": batch})
+            n += len(batch)
         writer.finalize()
     if n == 0:
         raise DataError(f"{source.label}: no rows (the file is empty)")
