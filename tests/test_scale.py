@@ -128,3 +128,18 @@ def test_streaming_settings_that_cannot_work_are_refused(tmp_path, extra, messag
 
     with pytest.raises(UsageError, match=message):
         config.parse_args(["--train_path", _rows(tmp_path, 2), "--output_dir", "o", "--streaming", *extra])
+
+
+def test_direct_tokenizer_backend_only_where_it_equals_transformers(tokenizer, llama3_tokenizer):
+    """chat.encode calls the Rust tokenizer directly (a third of the cost of transformers' wrapper) only when that is
+    exactly what transformers gives; a backend with truncation set (from its tokenizer.json) goes through transformers."""
+    from lora_cli.chat import encode
+    from lora_cli.chat.encoding import _direct_backend
+
+    for tok in (tokenizer, llama3_tokenizer):
+        assert _direct_backend(tok) is not None
+    odd = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    odd.backend_tokenizer.enable_truncation(8)
+    assert _direct_backend(odd) is None
+    long = CHAT + [{"role": "user", "content": "More " * 20}, {"role": "assistant", "content": "Fine " * 20}]
+    assert len(encode(odd, long).input_ids) == len(encode(tokenizer, long).input_ids) > 8  # never cut silently

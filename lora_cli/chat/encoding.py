@@ -33,8 +33,7 @@ def encode(tokenizer: Any, messages: list[dict], train_on_inputs: bool = False, 
     found = locate_turns(tokenizer, messages, where, tools)
     text, spans = found.text, found.spans
     if tokenizer.is_fast:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        ids, offsets = _ids_and_offsets(tokenizer, text)
     else:  # slow tokenizers have no offsets: encode piece by piece at the span boundaries
         ids, offsets = [], []
         cuts = sorted({0, len(text), *(s.start for s in spans), *(s.end for s in spans)})
@@ -92,6 +91,34 @@ def _missing_bos(tokenizer: Any, ids: list[int]) -> bool:
     """The template left out the BOS the model expects (the tokenizer adds one to plain text)."""
     bos = tokenizer.bos_token_id
     return bos is not None and _adds_bos(tokenizer) and (not ids or ids[0] != bos)
+
+
+def _ids_and_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    backend = _direct_backend(tokenizer)
+    if backend is not None:  # the Rust tokenizer itself: a third of the cost of transformers' wrapper around it
+        enc = backend.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], enc["offset_mapping"]
+
+
+_PROBE = "<|im_start|>user\n Héllo  wörld\t1234 — 你好 🙂</s><s>[INST]<|eot_id|>\n\n  end "
+
+
+def _direct_backend(tokenizer: Any) -> Any:
+    """The tokenizer's Rust backend when encoding with it directly is exactly what transformers gives: no truncation
+    or padding set on it, and the same ids and offsets on a probe of the tokenizer's special tokens and odd text."""
+    cached = tokenizer.__dict__.get("_lora_cli_backend")
+    if cached is None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        ok = backend is not None and backend.truncation is None and backend.padding is None
+        if ok:
+            probe = _PROBE + "".join(tokenizer.all_special_tokens) + _PROBE
+            wrapped = tokenizer(probe, add_special_tokens=False, return_offsets_mapping=True)
+            direct = backend.encode(probe, add_special_tokens=False)
+            ok = wrapped["input_ids"] == direct.ids and [tuple(o) for o in wrapped["offset_mapping"]] == direct.offsets
+        cached = tokenizer._lora_cli_backend = (backend if ok else False)
+    return cached or None
 
 
 def _adds_bos(tokenizer: Any) -> bool:
