@@ -37,6 +37,8 @@ def _llama3_rope(factor: float) -> dict:
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
+GEMMA = {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 16, "tie_word_embeddings": True}
+
 # family -> (tokenizer, transformers config class, config overrides, llama.cpp pre-tokenizer, template override)
 FAMILIES = {
     "llama3.1": ("llama3_1", "LlamaConfig", {"rope_parameters": _llama3_rope(8.0)}, "llama-bpe", None),
@@ -48,6 +50,13 @@ FAMILIES = {
     "mistral": ("llama2", "MistralConfig", {"sliding_window": None}, "default", INST_TEMPLATE),
     # Phi-3's tokenizer is Llama 2's SentencePiece model plus its chat tokens (ids 32000-32010), added here
     "phi3": ("llama2", "Phi3Config", {"sliding_window": None, "pad_token_id": 32000}, "default", PHI3_TEMPLATE),
+    # Gemma: norms scale by (1 + weight); the first layer attends over a sliding window (shorter than the check's
+    # conversations in Gemma 3, so that it matters), the second over everything, each with its own RoPE base
+    "gemma3": ("gemma3", "Gemma3TextConfig", {**GEMMA, "layer_types": ["sliding_attention", "full_attention"]},
+               "default", None),
+    # npm has no Gemma 2 tokenizer: Gemma 3's (the same turn format); soft-capped attention and final logits
+    "gemma2": ("gemma3", "Gemma2Config", {**GEMMA, "attn_logit_softcapping": 5.0, "final_logit_softcapping": 8.0},
+               "default", None),
 }
 PHI3_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
                "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]

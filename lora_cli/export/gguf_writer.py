@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .source import Source
+from .source import GEMMA, Source
 from .tensors import PlannedTensor, TensorReader, encode_tensor
 from .vocab import Vocab
 
@@ -40,8 +40,25 @@ def add_metadata(writer: Any, source: Source, vocab: Vocab, outtype: str, name: 
     if source.head_dim != c.hidden_size // c.num_attention_heads:  # e.g. Mistral Nemo: heads wider than hidden/n
         writer.add_key_length(source.head_dim)
         writer.add_value_length(source.head_dim)
+    if source.arch.gguf in GEMMA:
+        add_gemma_metadata(writer, source)
     writer.add_vocab_size(len(vocab.tokens))
     add_tokenizer_metadata(writer, vocab)
+
+
+def add_gemma_metadata(writer: Any, source: Source) -> None:
+    """Gemma 2/3: which layers attend over a sliding window (and how far), their RoPE base, logit soft-capping."""
+    c = source.config
+    window = getattr(c, "sliding_window", None)
+    layer_types = getattr(c, "layer_types", None)
+    if window and layer_types:
+        writer.add_sliding_window(window)
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
+        writer.add_rope_freq_base_swa(source.rope("sliding_attention")[0])
+    for key, add in (("attn_logit_softcapping", writer.add_attn_logit_softcapping),
+                     ("final_logit_softcapping", writer.add_final_logit_softcapping)):
+        if getattr(c, key, None):
+            add(float(getattr(c, key)))
 
 
 def add_tokenizer_metadata(writer: Any, vocab: Vocab) -> None:

@@ -22,12 +22,16 @@ class Arch:
     # are reordered on the way. Its qwen2 graph uses the NeoX layout itself.
     permute_qk: bool
     display: str
+    norm_shift: float = 0.0  # Gemma's RMSNorm scales by (1 + weight); llama.cpp's by the weight, written shifted
 
 
 ARCHS = {"llama": Arch("llama", True, "Llama 2/3.x (incl. SmolLM)"), "mistral": Arch("llama", True, "Mistral"),
          "qwen2": Arch("qwen2", False, "Qwen2/2.5"), "qwen3": Arch("qwen3", False, "Qwen3"),
          # fused qkv_proj and gate_up_proj are llama.cpp's attn_qkv and ffn_up as they are (gate half first)
-         "phi3": Arch("phi3", False, "Phi-3")}
+         "phi3": Arch("phi3", False, "Phi-3"),
+         "gemma2": Arch("gemma2", False, "Gemma 2", norm_shift=1.0),
+         "gemma3_text": Arch("gemma3", False, "Gemma 3 (text-only, e.g. 270M/1B)", norm_shift=1.0)}
+GEMMA = ("gemma2", "gemma3")
 # RoPE variants llama.cpp reproduces from what lora-export writes: plain, and Llama 3.1's frequency-dependent
 # scaling (written as a rope_freqs tensor of per-frequency divisors, as llama.cpp's converter does).
 ROPE_TYPES = ("default", "llama3")
@@ -47,14 +51,16 @@ class Source:
         c = self.config
         return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
-    def rope_parameters(self) -> dict:
-        """transformers 5's rope_parameters, or the older rope_scaling (rope_theta beside it)."""
+    def rope_parameters(self, layer_type: str = "full_attention") -> dict:
+        """transformers 5's rope_parameters, or the older rope_scaling (rope_theta beside it); for models whose
+        sliding-window and full-attention layers rotate differently (Gemma 3), those of `layer_type`."""
         c = self.config
-        return getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+        params = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+        return params.get(layer_type, params) if isinstance(params.get(layer_type), dict) else params
 
-    def rope(self) -> tuple[float, str]:
-        """(rope theta, rope type)."""
-        params = self.rope_parameters()
+    def rope(self, layer_type: str = "full_attention") -> tuple[float, str]:
+        """(rope theta, rope type) of the full-attention layers, or of those of `layer_type`."""
+        params = self.rope_parameters(layer_type)
         theta = params.get("rope_theta", getattr(self.config, "rope_theta", None)) or 10000.0
         return float(theta), params.get("rope_type") or params.get("type") or "default"
 
@@ -89,11 +95,27 @@ def open_source(folder: Path) -> Source:
     if rope_type not in ROPE_TYPES:
         raise UsageError(f"MODEL_DIR {folder}: rope scaling {rope_type!r} is not supported by lora-export yet (plain "
                          "RoPE and Llama 3.1's 'llama3' scaling are)")
+    if source.arch.gguf in GEMMA:
+        check_gemma(source)
     if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
         raise UsageError(f"MODEL_DIR {folder}: rotary embeddings on part of each head (partial_rotary_factor "
                          f"{config.partial_rotary_factor}, e.g. Phi-4-mini) are not supported by lora-export yet")
     window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
+    if window and source.arch.gguf not in GEMMA and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
         log.warning("the model attends over a sliding window of %d tokens, which llama.cpp's %s graph does not: "
                     "outputs match only while the context is shorter", window, source.arch.gguf)
     return source
+
+
+def check_gemma(source: Source) -> None:
+    """What llama.cpp's Gemma graphs fix that a config could set otherwise: the attention scale (1/sqrt(head_dim),
+    or 1/sqrt(hidden/heads) for the 62-layer 27B), and Gemma 3 without attention-logit soft-capping."""
+    c = source.config
+    expected = c.hidden_size // c.num_attention_heads if c.num_hidden_layers == 62 else source.head_dim
+    scalar = getattr(c, "query_pre_attn_scalar", expected)
+    if scalar != expected:
+        raise UsageError(f"MODEL_DIR {source.folder}: query_pre_attn_scalar {scalar} differs from the {expected} "
+                         f"llama.cpp's {source.arch.gguf} graph scales attention by; lora-export cannot write it")
+    if source.arch.gguf == "gemma3" and getattr(c, "attn_logit_softcapping", None):
+        raise UsageError(f"MODEL_DIR {source.folder}: attention-logit soft-capping, which llama.cpp's gemma3 graph "
+                         "does not apply")

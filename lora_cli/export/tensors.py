@@ -85,6 +85,8 @@ class TensorReader:
         if t.computed:
             return self.source.rope_freq_divisors()
         tensor = self.source.weights.read(t.source).to(torch.float32)
+        if self.source.arch.norm_shift and t.source.endswith("norm.weight"):
+            tensor = tensor + self.source.arch.norm_shift
         if self.source.arch.permute_qk and re.search(r"\.attn_[qk]\.(weight|bias)$", t.name):
             c = self.source.config
             tensor = rope_rows_to_pairs(tensor, c.num_attention_heads if ".attn_q." in t.name
