@@ -3,6 +3,7 @@ ids that end its answer."""
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,20 +53,35 @@ def encode(tokenizer: Any, messages: list[dict], train_on_inputs: bool = False, 
 def _in_spans(offsets: list[tuple[int, int]], spans: list[Span], text: str, where: str) -> list[bool]:
     """Which tokens are trained: a token overlapping a span is (with a generation prompt ending in a space,
     "assistant: ", the first answer token " Hello" starts inside the prompt and would otherwise never be learned).
-    One pass over tokens and spans, both in text order."""
-    ordered = sorted(spans, key=lambda s: s.start)
-    result, k = [], 0
-    for start, end in offsets:
-        if k and start < ordered[k - 1].end:  # an offset before the previous one (never seen): look again
-            k = 0
-        while k < len(ordered) and ordered[k].end <= start:
-            k += 1
-        span = ordered[k] if k < len(ordered) else None
-        if span is not None and span.end < end:  # one token across a turn's end would train the next turn's text
-            raise DataError(f"{where}: a token spans the end of an assistant turn ({text[start:end]!r}), so the "
-                            f"mask cannot stop exactly at the turn's end; {_HINT}")
-        result.append(span is not None and max(end, start + 1) > span.start)
+    Each span's tokens found by bisection in the tokens' offsets, which a tokenizer gives in text order."""
+    starts = [start for start, _ in offsets]
+    reach = [max(end, start + 1) for start, end in offsets]  # a zero-width token counts at its position
+    if any(a > b for a, b in zip(starts, starts[1:])) or any(a > b for a, b in zip(reach, reach[1:])):
+        return _in_spans_each(offsets, spans, text, where)  # not in order (never seen): token by token
+    result = [False] * len(offsets)
+    for span in spans:
+        first = bisect.bisect_right(reach, span.start)  # the first token reaching past the span's start
+        stop = bisect.bisect_left(starts, span.end)  # the tokens starting before the span's end
+        if stop > first:
+            result[first:stop] = [True] * (stop - first)
+            start, end = offsets[stop - 1]
+            if end > span.end:  # one token across a turn's end would train the next turn's text
+                raise _across_end(text, start, end, where)
     return result
+
+
+def _in_spans_each(offsets: list[tuple[int, int]], spans: list[Span], text: str, where: str) -> list[bool]:
+    result = []
+    for start, end in offsets:
+        if any(start < s.end < end for s in spans):
+            raise _across_end(text, start, end, where)
+        result.append(any(start < s.end and max(end, start + 1) > s.start for s in spans))
+    return result
+
+
+def _across_end(text: str, start: int, end: int, where: str) -> DataError:
+    return DataError(f"{where}: a token spans the end of an assistant turn ({text[start:end]!r}), so the mask cannot "
+                     f"stop exactly at the turn's end; {_HINT}")
 
 
 def encode_prompt(tokenizer: Any, messages: list[dict], tools: list[dict] | None = None) -> list[int]:

@@ -26,6 +26,18 @@ def model_name(tokenizer: Any) -> str:
 
 
 def _special_strings(tokenizer: Any) -> list[str]:
+    """The tokenizer's special tokens, longest first (kept on the tokenizer while its vocabulary size is the same)."""
+    try:
+        size = len(tokenizer)
+    except TypeError:  # a wrapper without a size: found each time
+        return _find_special_strings(tokenizer)
+    cached = tokenizer.__dict__.get("_lora_cli_specials")
+    if cached is None or cached[0] != size:
+        cached = tokenizer._lora_cli_specials = (size, _find_special_strings(tokenizer))
+    return cached[1]
+
+
+def _find_special_strings(tokenizer: Any) -> list[str]:
     specials = set(tokenizer.all_special_tokens)
     for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
         if getattr(token, "special", False):
