@@ -65,6 +65,7 @@ def test_spec_forms(tmp_path, three):
     ("{a},missing.jsonl", "file not found: missing.jsonl"),
     ("{dir}/*.parquet", "no files match"),
     ("not/a/hub/id", "nor a Hub dataset id"),
+    ("data/train.jsonl", r"file not found: data/train\.jsonl$"),  # one slash, but a file name: not a Hub id
 ])
 def test_bad_specs_name_the_flag_and_the_item(tmp_path, three, spec, message):
     a, b, _ = three

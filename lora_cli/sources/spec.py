@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import UsageError
 
 YAML_SUFFIXES = (".yaml", ".yml")
+_FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet", *YAML_SUFFIXES)
 _GLOB = set("*?[")
 
 
@@ -95,6 +96,8 @@ def _local(path: str, weight: float | None, flag: str, **extra) -> Source:
 
 def _hub(item: str, weight: float | None, flag: str, **extra) -> Source:
     """`org/ds[:name][:split][@revision]`: one part after the id is a split, two are a configuration and a split."""
+    if item.lower().endswith(_FILE_SUFFIXES):  # data/train.jsonl is a missing file, not a Hub id
+        raise UsageError(f"--{flag}: file not found: {item}")
     item, _, revision = item.partition("@")
     repo, *rest = item.split(":")
     if repo.count("/") != 1 or not all(repo.split("/")) or len(rest) > 2 or not all(rest):
