@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import chat, llamacpp
+from ..errors import DataError
 from ..verification import BUILTIN_PROMPTS, logit_differences, next_token_logits
 from .source import Source
 from .tensors import plan_tensors, round_as_stored
@@ -53,7 +54,7 @@ def verify_in_llamacpp(runtime: llamacpp.Runtime, source: Source, gguf_path: Pat
         rounded = next_token_logits(model, conversations)
         rounding = logit_differences(reference, rounded)  # what --outtype itself costs: reported, not judged
         reference = rounded
-    stops = chat.end_of_turn_ids(tokenizer) if prompts else [tokenizer.eos_token_id]
+    stops = stop_ids(tokenizer, vocab) if prompts else [tokenizer.eos_token_id]
     # The same prompt ids as llama.cpp's chat session rendered: runtimes render some templates their own way (e.g.
     # node-llama-cpp closes Qwen3's empty <think> block in the prompt), which is no property of the file.
     expected = [greedy(model, answer.prompt, stops) for answer in ran.answers]
@@ -71,6 +72,16 @@ def verify_in_llamacpp(runtime: llamacpp.Runtime, source: Source, gguf_path: Pat
     result["passed"] = result["tokenizer"]["passed"] and result["logits"]["passed"] and \
         all(a["passed"] for a in result["answers"])
     return result
+
+
+def stop_ids(tokenizer: Any, vocab: Vocab) -> list[int]:
+    """Where the source's greedy answers stop: the end of a turn as training finds it, else (a template training
+    cannot mask, e.g. Phi-3-mini's, which closes a conversation with EOS: probe_conversations has warned) the GGUF's
+    end-of-turn and EOS tokens."""
+    try:
+        return chat.end_of_turn_ids(tokenizer)
+    except DataError:
+        return [i for i in (vocab.special.get("eot"), tokenizer.eos_token_id) if i is not None]
 
 
 def greedy(model: Any, prompt: list[int], stops: list[int]) -> dict[str, Any]:
