@@ -172,6 +172,8 @@ from lora_cli import sources
 from lora_cli.errors import DataError
 train = list(sources.scan(sources.Source({str(repo)!r}, "hub")))
 print(len(train), train[0][0], train[0][1]["messages"][0]["content"])
+streamed = list(sources.scan(sources.Source({str(repo)!r}, "hub"), streaming=True))  # --streaming: read as it comes
+print("streamed", streamed == train)
 try:
     list(sources.scan(sources.Source({str(repo)!r}, "hub", split="test")))
     [__import__("lora_cli").data.normalise_row(raw, where) for where, raw in sources.scan(
@@ -187,8 +189,9 @@ except DataError as exc:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == f"6 {repo}:row 1 hub question 0?"
-    assert lines[1].startswith(f"ERR {repo}:test:row 2")
-    assert lines[2].startswith("ERR nobody-here/no-such-dataset:train: cannot load the dataset")
+    assert lines[1] == "streamed True"
+    assert lines[2].startswith(f"ERR {repo}:test:row 2")
+    assert lines[3].startswith("ERR nobody-here/no-such-dataset:train: cannot load the dataset")
 
 
 def test_hub_id_offline_is_one_line_and_exit_2(tiny_llama, tmp_path):
