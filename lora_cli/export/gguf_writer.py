@@ -37,6 +37,10 @@ def add_metadata(writer: Any, source: Source, vocab: Vocab, outtype: str, name: 
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_rope_freq_base(source.rope()[0])
     writer.add_rope_dimension_count(source.head_dim)
+    if source.rope()[1] == "longrope":  # llama.cpp takes the long factors when its context exceeds the original
+        _, _, attention, original = source.longrope()
+        writer.add_rope_scaling_orig_ctx_len(original)
+        writer.add_rope_scaling_attn_factors(attention)
     if source.head_dim != c.hidden_size // c.num_attention_heads:  # e.g. Mistral Nemo: heads wider than hidden/n
         writer.add_key_length(source.head_dim)
         writer.add_value_length(source.head_dim)

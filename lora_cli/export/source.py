@@ -35,6 +35,9 @@ GEMMA = ("gemma2", "gemma3")
 # RoPE variants llama.cpp reproduces from what lora-export writes: plain, and Llama 3.1's frequency-dependent
 # scaling (written as a rope_freqs tensor of per-frequency divisors, as llama.cpp's converter does).
 ROPE_TYPES = ("default", "llama3")
+# ... and, for the phi3 graph, Phi-3's LongRoPE (128k models): per-frequency divisors for short and long contexts
+# (rope_factors_short/long tensors, as llama.cpp's converter writes them) and a factor on cos/sin
+ARCH_ROPE_TYPES = {"phi3": ("longrope",)}
 SUPPORTED = ", ".join(f"{a.display} [{name}]" for name, a in ARCHS.items())
 
 
@@ -64,6 +67,19 @@ class Source:
         theta = params.get("rope_theta", getattr(self.config, "rope_theta", None)) or 10000.0
         return float(theta), params.get("rope_type") or params.get("type") or "default"
 
+    def longrope(self) -> tuple[Any, Any, float, int]:
+        """Phi-3's LongRoPE as transformers computes it: the per-frequency divisors for sequences up to the original
+        context (short) and beyond it (long), the factor on cos/sin, and the original context length."""
+        import numpy as np
+
+        p = self.rope_parameters()
+        original = p.get("original_max_position_embeddings") or self.config.original_max_position_embeddings
+        factor = p.get("factor") or self.config.max_position_embeddings / original
+        attention = p.get("attention_factor") or \
+            (math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1.0 else 1.0)
+        return (np.asarray(p["short_factor"], dtype=np.float32), np.asarray(p["long_factor"], dtype=np.float32),
+                float(attention), int(original))
+
     def rope_freq_divisors(self) -> Any:
         """Llama 3.1's RoPE scaling as llama.cpp applies it: each rotary frequency is divided by its factor, 1 for
         wavelengths shorter than the original context / high_freq_factor, `factor` for those longer than it /
@@ -92,14 +108,15 @@ def open_source(folder: Path) -> Source:
     integrity.require_intact(folder, f"MODEL_DIR {folder}", "merge or copy the model again", names=names)
     source = Source(folder, config, ARCHS[config.model_type], SafetensorsFolder.open(folder, "MODEL_DIR"))
     rope_type = source.rope()[1]
-    if rope_type not in ROPE_TYPES:
+    if rope_type not in ROPE_TYPES + ARCH_ROPE_TYPES.get(source.arch.gguf, ()):
         raise UsageError(f"MODEL_DIR {folder}: rope scaling {rope_type!r} is not supported by lora-export yet (plain "
-                         "RoPE and Llama 3.1's 'llama3' scaling are)")
+                         "RoPE, Llama 3.1's 'llama3' scaling and Phi-3's 'longrope' are)")
     if source.arch.gguf in GEMMA:
         check_gemma(source)
-    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+    partial = source.rope_parameters().get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    if (partial or 1.0) != 1.0:  # transformers 5 keeps it in rope_parameters, older configs beside them
         raise UsageError(f"MODEL_DIR {folder}: rotary embeddings on part of each head (partial_rotary_factor "
-                         f"{config.partial_rotary_factor}, e.g. Phi-4-mini) are not supported by lora-export yet")
+                         f"{partial}, e.g. Phi-4-mini) are not supported by lora-export yet")
     window = getattr(config, "sliding_window", None)
     if window and source.arch.gguf not in GEMMA and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
         log.warning("the model attends over a sliding window of %d tokens, which llama.cpp's %s graph does not: "

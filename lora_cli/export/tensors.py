@@ -61,6 +61,10 @@ def plan_tensors(source: Source, outtype: str) -> list[PlannedTensor]:
     if source.rope()[1] == "llama3":
         plan.append(PlannedTensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", "rope_freqs",
                                   (source.head_dim // 2,), gguf.GGMLQuantizationType.F32, computed=True))
+    if source.rope()[1] == "longrope":
+        for kind in (gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT):
+            plan.append(PlannedTensor(gguf.TENSOR_NAMES[kind] + ".weight", gguf.TENSOR_NAMES[kind],
+                                      (source.head_dim // 2,), gguf.GGMLQuantizationType.F32, computed=True))
     return sorted(plan, key=_gguf_order)
 
 
@@ -83,6 +87,9 @@ class TensorReader:
         import torch
 
         if t.computed:
+            if t.source.startswith("rope_factors_"):  # Phi-3's LongRoPE
+                short, long, _, _ = self.source.longrope()
+                return long if t.source == "rope_factors_long" else short
             return self.source.rope_freq_divisors()
         tensor = self.source.weights.read(t.source).to(torch.float32)
         if self.source.arch.norm_shift and t.source.endswith("norm.weight"):
