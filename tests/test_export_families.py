@@ -31,8 +31,7 @@ PHI3_MINI_TEMPLATE = (
     "'<|end|>\\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}{% elif "
     "message['role'] == 'assistant' %}{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}{% endif %}{% endfor "
     "%}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}")
-# Phi-3-medium's chat template (Phi-3-mini's ends a conversation rendered without a generation prompt with EOS, which
-# lora_cli's masking refuses: the conversation before a turn renders differently on its own)
+# Phi-3-medium's chat template (Phi-3-mini's ends a conversation rendered without a generation prompt with EOS)
 PHI3_TEMPLATE = ("{% for message in messages %}{% if (message['role'] == 'user') %}{{'<|user|>' + '\\n' + "
                  "message['content'] + '<|end|>' + '\\n' + '<|assistant|>' + '\\n'}}{% elif (message['role'] == "
                  "'assistant') %}{{message['content'] + '<|end|>' + '\\n'}}{% endif %}{% endfor %}")
@@ -62,8 +61,8 @@ FAMILIES = {
     "mistral": ("llama2", "MistralConfig", {"sliding_window": None}, "default", INST_TEMPLATE),
     # Phi-3's tokenizer is Llama 2's SentencePiece model plus its chat tokens (ids 32000-32010), added here
     "phi3": ("llama2", "Phi3Config", {"sliding_window": None, "pad_token_id": 32000}, "default", PHI3_TEMPLATE),
-    # Phi-3-mini's own tokens and template, which lora-train cannot mask yet (rstrip tokens span the end of a turn;
-    # the template closes a conversation with EOS): lora-export still writes and checks it
+    # Phi-3-mini's own tokens and template (rstrip tokens take the newline after a turn; the template closes a
+    # conversation with EOS): tests/test_masking.py checks that lora-train masks them
     "phi3-mini": ("llama2", "Phi3Config", {"sliding_window": None, "pad_token_id": 32000}, "default",
                   PHI3_MINI_TEMPLATE),
     # Phi-3.5-mini and Phi-3-mini-128k: LongRoPE
@@ -90,7 +89,7 @@ def _tiny_family_model(family: str, folder: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_folder(tokenizer_name))
     if template:
         tokenizer.chat_template = template
-    if family in ("phi3", "phi3.5"):  # plain special tokens: lora_cli's masking refuses Phi-3-mini's own (below)
+    if family in ("phi3", "phi3.5"):  # plain special tokens; Phi-3-mini's own (rstrip) below
         tokenizer.add_special_tokens({"additional_special_tokens": PHI3_TOKENS}, replace_extra_special_tokens=False)
     if family == "phi3-mini":  # as Phi-3-mini's tokenizer.json has them: the whitespace after them stripped
         from tokenizers import AddedToken

@@ -152,3 +152,26 @@ def test_slow_tokenizer_path_trains_the_same_tokens(tokenizer):
     fast, slow = encode(tokenizer, CHAT), encode(Slow(), CHAT)
     assert trained_runs(tokenizer, slow) == trained_runs(tokenizer, fast) == ["Paris<|im_end|>",
                                                                                 "Rome, of course.<|im_end|>"]
+
+
+def test_phi3_mini_own_tokens_and_template_are_masked():
+    """Phi-3-mini as it ships: its template closes a conversation with EOS when no generation prompt is asked for,
+    and its end-of-turn token takes the newline after it (rstrip). Each answer and its <|end|> are trained, nothing
+    of the next turn."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from lora_cli.chat import encode
+
+    from .conftest import CHAT
+    from .test_export_families import PHI3_MINI_TEMPLATE, PHI3_TOKENS, _tokenizer_folder
+
+    tok = AutoTokenizer.from_pretrained(_tokenizer_folder("llama2"))
+    tok.add_special_tokens({"additional_special_tokens": [
+        AddedToken(t, special=True, normalized=False, rstrip=t != "<|endoftext|>") for t in PHI3_TOKENS]},
+        replace_extra_special_tokens=False)
+    tok.chat_template, tok.eos_token = PHI3_MINI_TEMPLATE, "<|endoftext|>"
+    encoded = encode(tok, CHAT)
+    trained = [tok.decode([t]) for t, label in zip(encoded.input_ids, encoded.labels) if label != -100]
+    assert trained == ["Paris", "<|end|>", "Rome", ",", "of", "course", ".", "<|end|>"]
+    assert encoded.turns == encoded.turns_with_end == 2

@@ -52,7 +52,8 @@ def encode(tokenizer: Any, messages: list[dict], train_on_inputs: bool = False, 
 
 def _in_spans(offsets: list[tuple[int, int]], spans: list[Span], text: str, where: str) -> list[bool]:
     """Which tokens are trained: a token overlapping a span is (with a generation prompt ending in a space,
-    "assistant: ", the first answer token " Hello" starts inside the prompt and would otherwise never be learned).
+    "assistant: ", the first answer token " Hello" starts inside the prompt and would otherwise never be learned; an
+    end-of-turn token that takes the whitespace after it, as Phi-3's do, is the turn's).
     Each span's tokens found by bisection in the tokens' offsets, which a tokenizer gives in text order."""
     starts = [start for start, _ in offsets]
     reach = [max(end, start + 1) for start, end in offsets]  # a zero-width token counts at its position
@@ -65,7 +66,7 @@ def _in_spans(offsets: list[tuple[int, int]], spans: list[Span], text: str, wher
         if stop > first:
             result[first:stop] = [True] * (stop - first)
             start, end = offsets[stop - 1]
-            if end > span.end:  # one token across a turn's end would train the next turn's text
+            if end > span.end and text[span.end:end].strip():  # it would train the next turn's text
                 raise _across_end(text, start, end, where)
     return result
 
@@ -73,7 +74,7 @@ def _in_spans(offsets: list[tuple[int, int]], spans: list[Span], text: str, wher
 def _in_spans_each(offsets: list[tuple[int, int]], spans: list[Span], text: str, where: str) -> list[bool]:
     result = []
     for start, end in offsets:
-        if any(start < s.end < end for s in spans):
+        if any(start < s.end < end and text[s.end:end].strip() for s in spans):
             raise _across_end(text, start, end, where)
         result.append(any(start < s.end and max(end, start + 1) > s.start for s in spans))
     return result

@@ -206,9 +206,11 @@ def _history_and_prompt(tokenizer: Any, messages: list[dict], turns: list[int], 
             prompt = render(tokenizer, messages[:i], True, tools) if i else ""
         except Exception:
             return None
-        if not (text.startswith(history) and prompt.startswith(history)):
-            return None
-        return len(history), prompt[len(history):]
+        if text.startswith(history) and prompt.startswith(history):
+            return len(history), prompt[len(history):]
+        # A template that closes a conversation without a generation prompt (Phi-3's EOS): the prompt alone, which
+        # the conversation must then continue, says where the answer starts.
+        return (len(prompt), "") if i and text.startswith(prompt) else None
     previous = turns[k - 1]
     first = max((j for j in range(previous) if messages[j]["role"] == "user"), default=previous)
     context = [*messages[first:previous], {"role": "assistant", "content": base}, *messages[previous + 1:i]]
@@ -217,12 +219,13 @@ def _history_and_prompt(tokenizer: Any, messages: list[dict], turns: list[int], 
         prompt = render(tokenizer, context, True, tools)
     except Exception:
         return None
-    if history.count(base) != 1 or not prompt.startswith(history):
+    if history.count(base) != 1 or prompt.count(base) != 1:
         return None
     tail = history.split(base)[1]  # the end of the previous turn and the messages since
-    if not glue[k].startswith(tail):
-        return None
-    return bounds[k - 1][1] + len(tail), prompt[len(history):]
+    if prompt.startswith(history) and glue[k].startswith(tail):
+        return bounds[k - 1][1] + len(tail), prompt[len(history):]
+    tail = prompt.split(base)[1]  # as above, for a template that closes a conversation without a prompt
+    return (bounds[k - 1][1] + len(tail), "") if glue[k].startswith(tail) else None
 
 
 def _closed_span(tokenizer: Any, text: str, start: int, payload_end: int) -> Span:

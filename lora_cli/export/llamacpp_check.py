@@ -76,8 +76,7 @@ def verify_in_llamacpp(runtime: llamacpp.Runtime, source: Source, gguf_path: Pat
 
 def stop_ids(tokenizer: Any, vocab: Vocab) -> list[int]:
     """Where the source's greedy answers stop: the end of a turn as training finds it, else (a template training
-    cannot mask, e.g. Phi-3-mini's, which closes a conversation with EOS: probe_conversations has warned) the GGUF's
-    end-of-turn and EOS tokens."""
+    cannot mask: probe_conversations has warned) the GGUF's end-of-turn and EOS tokens."""
     try:
         return chat.end_of_turn_ids(tokenizer)
     except DataError:
