@@ -14,7 +14,8 @@ For each file it runs, as fresh processes with an empty data cache:
   - lora-train --max_steps 1, twice: the first run prepares and fills the data cache, the second starts from it.
 The time to lora-train's "data: N training conversations" line is the preparation time; for the cached run it is
 how long training takes to start. Peak RSS is the largest sum over the process and its children (tokenising
-workers), sampled every 0.1 s. Results are printed and written to --out as JSON.
+workers), sampled every 0.1 s; peak anon is the same less file-backed pages (memory-mapped Arrow files and model
+weights, which the kernel can drop), i.e. the memory the run really holds. Results are printed and written to --out as JSON.
 """
 
 from __future__ import annotations
@@ -67,16 +68,18 @@ def run(argv: list[str], env: dict[str, str], mark: str | None = None) -> dict:
     start = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1)
-    peak, marked, tail = 0, None, []
+    peak = anon = 0
+    marked, tail = None, []
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak, anon
         parent = psutil.Process(proc.pid)
         while not done.is_set():
             try:
-                tree = [parent, *parent.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+                infos = [p.memory_info() for p in [parent, *parent.children(recursive=True)] if p.is_running()]
+                peak = max(peak, sum(i.rss for i in infos))
+                anon = max(anon, sum(i.rss - i.shared for i in infos))  # less the mapped files (Arrow, weights)
             except psutil.Error:
                 pass
             time.sleep(0.1)
@@ -90,7 +93,8 @@ def run(argv: list[str], env: dict[str, str], mark: str | None = None) -> dict:
     code = proc.wait()
     done.set()
     sampler.join()
-    result = {"seconds": round(time.perf_counter() - start, 1), "peak_rss_gib": round(peak / 2**30, 2), "exit": code}
+    result = {"seconds": round(time.perf_counter() - start, 1), "peak_rss_gib": round(peak / 2**30, 2),
+              "peak_anon_gib": round(anon / 2**30, 2), "exit": code}
     if mark:
         result["seconds_to_data"] = round(marked, 1) if marked is not None else None
     if code:
