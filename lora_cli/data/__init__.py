@@ -15,12 +15,12 @@ Every problem raises DataError naming the file and the line (or row) and what is
     conversations.py  a file as Conversations (load_conversations); the evaluation split (split_validation)
 """
 
-from .conversations import Conversation, load_conversations, split_validation
+from .conversations import Conversation, held_out, load_conversations, split_validation
 from .files import DATASETS_SUFFIXES, JSONL_SUFFIXES, scan_rows
 from .formats import ROLES, SHAREGPT_ROLES, normalise_row, row_format
 from .tools import row_tools, tool_calls
 from .values import _type_name
 
 __all__ = ["DATASETS_SUFFIXES", "JSONL_SUFFIXES", "ROLES", "SHAREGPT_ROLES", "Conversation", "_type_name",
-           "load_conversations", "normalise_row", "row_format", "row_tools", "scan_rows", "split_validation",
-           "tool_calls"]
+           "held_out", "load_conversations", "normalise_row", "row_format", "row_tools", "scan_rows",
+           "split_validation", "tool_calls"]

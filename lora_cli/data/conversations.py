@@ -32,12 +32,17 @@ def load_conversations(path: str) -> list[Conversation]:
     return conversations
 
 
+def held_out(n: int, fraction: float, seed: int) -> set[int]:
+    """Which of n rows --val_split holds out for evaluation (at least one), reproducibly for a seed."""
+    n_eval = max(1, round(n * fraction))
+    if n_eval >= n:
+        raise DataError(f"--val_split {fraction} leaves no training rows out of {n}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return set(order[:n_eval])
+
+
 def split_validation(rows: list[Conversation], fraction: float, seed: int) -> tuple[list, list]:
     """Hold out `fraction` of the rows (at least one) for evaluation, reproducibly for a seed."""
-    n_eval = max(1, round(len(rows) * fraction))
-    if n_eval >= len(rows):
-        raise DataError(f"--val_split {fraction} leaves no training rows out of {len(rows)}")
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
+    held = held_out(len(rows), fraction, seed)
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]

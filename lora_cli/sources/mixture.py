@@ -50,16 +50,10 @@ class Mixture:
         return (conversation(text) for text in self.texts())
 
     def split(self, fraction: float, seed: int) -> tuple[Mixture, Mixture]:
-        """Hold out `fraction` of the rows (at least one) for evaluation, as data.split_validation does."""
-        n = len(self.rows)
-        n_eval = max(1, round(n * fraction))
-        if n_eval >= n:
-            raise DataError(f"--val_split {fraction} leaves no training rows out of {n}")
-        order = list(range(n))
-        random.Random(seed).shuffle(order)
-        held = sorted(order[:n_eval])
-        kept = sorted(set(range(n)) - set(held))
-        return Mixture(self.rows.select(kept), self.counts, self.read), Mixture(self.rows.select(held))
+        """Hold out `fraction` of the rows (at least one) for evaluation, the rows data.split_validation holds out."""
+        held = data.held_out(len(self.rows), fraction, seed)
+        kept = [i for i in range(len(self.rows)) if i not in held]
+        return Mixture(self.rows.select(kept), self.counts, self.read), Mixture(self.rows.select(sorted(held)))
 
 
 def load(text: str, seed: int, flag: str = "train_path") -> Mixture:
