@@ -325,9 +325,13 @@ def lora_train_trainer(args, fast: bool):
                                           attn_implementation=cfg.attn_implementation), cfg)
     subset.unlink()
     plan = step_plan(cfg, model, precision, prepared.train_stats)
-    # lora-train holds this for the whole run; the worker process ends with the run, so nothing needs undoing
-    training_only(model, plan, precision, cfg.use_dora, cheaper_dropout=cfg.method == "sft").__enter__()
-    return build_trainer(cfg, model, prepared, plan, precision), prepared.tokenizer
+    # lora-train holds this for the whole run; the worker process ends with the run, so nothing needs undoing. The
+    # trainer keeps the context manager alive: a dropped one is closed by the garbage collector, which undoes it.
+    held = training_only(model, plan, precision, cfg.use_dora, cheaper_dropout=cfg.method == "sft")
+    held.__enter__()
+    trainer = build_trainer(cfg, model, prepared, plan, precision)
+    trainer.bench_training_only = held
+    return trainer, prepared.tokenizer
 
 
 def task_eval_loss(model, tokenizer, args) -> float:

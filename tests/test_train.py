@@ -407,7 +407,8 @@ def test_paged_adamw_on_cpu_is_torch_adamw_with_the_same_updates(tmp_path):
 
 
 def test_a_lora_train_process_without_quantisation_never_imports_bitsandbytes(tiny_llama, chat_file, tmp_path):
-    """The command itself (a process of its own, default --optim) trains without importing bitsandbytes."""
+    """The command itself (a process of its own, default --optim) trains without importing bitsandbytes, sets up
+    without the garbage collector and trains with it (lora_cli/process.py)."""
     import subprocess
     import sys
 
@@ -416,10 +417,11 @@ def test_a_lora_train_process_without_quantisation_never_imports_bitsandbytes(ti
             "--lora_dropout", "0.1"]  # dropout on: the fused CPU dropout (train/dropout.py) in a whole run
     assert "--optim" not in argv  # the default: paged_adamw_32bit
     probe = ("import runpy, sys\nsys.argv = %r\ntry:\n    runpy.run_module('lora_cli.cli.train', run_name='__main__')\n"
-             "except SystemExit as exc:\n    code = exc.code\nprint('exit', code, 'bitsandbytes', "
-             "'bitsandbytes' in sys.modules and sys.modules['bitsandbytes'] is not None)" % argv)
+             "except SystemExit as exc:\n    code = exc.code\nimport gc\nprint('exit', code, 'bitsandbytes', "
+             "'bitsandbytes' in sys.modules and sys.modules['bitsandbytes'] is not None, 'gc', gc.isenabled(), "
+             "gc.get_freeze_count() > 10000)" % argv)
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert "exit 0 bitsandbytes False" in done.stdout, done.stderr[-2000:]
+    assert "exit 0 bitsandbytes False gc True True" in done.stdout, done.stderr[-2000:]
     assert "optimizer: torch's AdamW for --optim paged_adamw_32bit" in done.stderr
     assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import checkpoints, config, fsutil
+from .. import checkpoints, config, fsutil, process
 from ..config import TrainConfig
 from ..encode import report
 from ..filenames import RUN_CONFIG, TRAIN_METRICS
@@ -32,6 +32,7 @@ def run_training(cfg: TrainConfig, trainer: Any, prepared: Prepared, out: Path, 
         state = {"data": data_hashes or {}}
         checkpoints.write_state(out, state)
     metrics: dict[str, Any] = {}
+    process.resume_gc()  # set-up is over (paused by the lora-train command)
     if trainer.eval_dataset is not None:
         if "eval_loss_before" not in state:
             state["eval_loss_before"] = trainer.evaluate()["eval_loss"]
