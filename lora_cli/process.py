@@ -25,6 +25,20 @@ _M_MMAP_MAX = -4
 _gc_paused = False
 
 
+def lora_train_process(quantized: bool, optim: str) -> None:
+    """What the lora-train command sets in a process of its own, before the libraries load (scripts/bench.py's
+    lora-train runs do the same): the collector paused until resume_gc, bitsandbytes hidden when nothing uses it, and
+    on CPU freed memory kept for reuse."""
+    pause_gc()
+    from .train.optimizer import hide_unused_bitsandbytes
+
+    hide_unused_bitsandbytes(quantized, optim)
+    import torch
+
+    if not torch.cuda.is_available():
+        keep_freed_memory()
+
+
 def pause_gc() -> None:
     """Collector off for the set-up; resume_gc turns it back on."""
     global _gc_paused

@@ -131,13 +131,14 @@ def matmul_ceiling(seconds: float = 3.0) -> float:
 
 
 def run_worker(args: argparse.Namespace) -> dict:
-    if args.worker.startswith("lora-train"):  # as the lora-train command does in its own process
-        from lora_cli.train.optimizer import hide_unused_bitsandbytes
+    own = args.worker.startswith("lora-train")
+    if own:  # as the lora-train command does in its own process
+        from lora_cli.process import lora_train_process
 
         flags = shlex.split(args.flags)
         optim = flags[flags.index("--optim") + 1] if "--optim" in flags else \
             "adamw_torch" if args.worker == "lora-train-fast" else "paged_adamw_32bit"
-        hide_unused_bitsandbytes(args.load_in_4bit or "--load_in_8bit" in flags, optim)
+        lora_train_process(args.load_in_4bit or "--load_in_8bit" in flags, optim)
     import torch
     from transformers import set_seed
 
@@ -152,6 +153,10 @@ def run_worker(args: argparse.Namespace) -> dict:
     else:
         trainer, tokenizer = lora_train_trainer(args, fast=args.worker == "lora-train-fast")
     meter = attach_meter(trainer)
+    if own:
+        from lora_cli.process import resume_gc
+
+        resume_gc()  # as lora-train's run_training does
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start

@@ -21,16 +21,9 @@ class Command:
 def _train_setup(cfg: Any, own_process: bool) -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation on long runs
     if own_process:  # the lora-train command itself (lora_cli/process.py says what each setting buys)
-        from .. import process
+        from ..process import lora_train_process
 
-        process.pause_gc()  # until training starts (train/run.py)
-        from ..train.optimizer import hide_unused_bitsandbytes
-
-        hide_unused_bitsandbytes(cfg.quantization != "none", cfg.optim)  # nothing else in it will want bitsandbytes
-        import torch
-
-        if not torch.cuda.is_available():
-            process.keep_freed_memory()
+        lora_train_process(cfg.quantization != "none", cfg.optim)  # the collector resumes in train/run.py
 
 
 COMMANDS = {
