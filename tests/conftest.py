@@ -140,6 +140,12 @@ def chat_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "train.jsonl", rows)
 
 
+def undo_all(steps) -> None:
+    """Run the undo steps that lora_cli's model patches return."""
+    for step in steps:
+        step()
+
+
 def run_cli(argv: list[str], main=None) -> int:
     """Call a console-script entry point in-process and return its exit code."""
     if main is None:

@@ -7,6 +7,8 @@ from torch import nn
 
 from lora_cli.train.dropout import UniformMaskDropout
 
+from .conftest import undo_all
+
 
 def test_keeps_each_element_with_probability_1_minus_p_and_scales_it():
     torch.manual_seed(0)
@@ -66,7 +68,7 @@ def test_fusion_on_a_peft_model_keeps_the_parameters_and_is_undone(tiny_llama):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lora_cli.train.dropout import restore_lora_dropout, use_cheaper_lora_dropout
+    from lora_cli.train.dropout import use_cheaper_lora_dropout
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
                            LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules="all-linear"))
@@ -83,7 +85,7 @@ def test_fusion_on_a_peft_model_keeps_the_parameters_and_is_undone(tiny_llama):
     model.eval()  # in eval mode the fused forward is the plain linear: the same logits as unfused
     with torch.no_grad():
         fused_logits = model(input_ids=ids).logits
-    restore_lora_dropout(undo)
+    undo_all(undo)
     assert {type(m.lora_dropout["default"]).__name__ for m in lora} == {"Dropout"}
     assert not any("forward" in m.lora_A["default"].__dict__ for m in lora)
     with torch.no_grad():

@@ -78,6 +78,34 @@ def test_qlora_4bit_trains_on_cpu(tiny_llama, chat_file, tmp_path):
     assert trainer.state.log_history[0]["loss"] > 0
 
 
+def test_qlora_gradients_on_cpu_are_the_same_after_an_evaluation(tiny_llama, chat_file, tmp_path):
+    # bitsandbytes repacks 4-bit weights at an eval-mode forward on CPUs with AVX512-BF16, for a kernel without a
+    # backward: LoRA gradients were 17-47% off afterwards (lora-train evaluates before training and every eval_steps)
+    _, _, trainer = build(tiny_llama, chat_file, tmp_path / "out", "--load_in_4bit", "--lora_dropout", "0")
+    model = trainer.model
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    for module in model.modules():  # B random, so that every LoRA gradient depends on the base layers' backward
+        if hasattr(module, "lora_B"):
+            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.02)
+
+    def gradients():
+        model.train()
+        model.zero_grad()
+        trainer.compute_loss(model, batch).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = gradients()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"])
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    after = gradients()
+    assert before.keys() == after.keys() and all(g.abs().sum() > 0 for g in before.values())
+    for name, grad in before.items():
+        torch.testing.assert_close(after[name], grad, msg=name)
+
+
 def test_packed_rows_do_not_attend_to_each_other(tiny_llama, tokenizer):
     # The padding-free batch --packing produces: logits of each row equal those of the row alone. transformers only
     # separates packed rows when no KV cache is in use; TRL's compute_loss passes use_cache=False, as done here.
@@ -166,16 +194,18 @@ def test_training_only_settings_are_undone_after_training(tiny_llama, chat_file,
     flags = lambda: {m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")}
     dropouts = lambda: {type(d).__name__ for m in model.modules() if hasattr(m, "lora_dropout")
                         for d in m.lora_dropout.values()}
-    assert dropouts() == {"Dropout"}
+    swapped_mlps = lambda: sum("forward" in m.__dict__ for m in model.modules() if hasattr(m, "gate_proj"))
+    assert dropouts() == {"Dropout"} and swapped_mlps() == 0
     with pytest.raises(RuntimeError, match="training failed"), training_only(model, plan, "bf16", False,
                                                                                 cheaper_dropout=True) as per_seq:
         build_trainer(cfg, model, prepared, plan, "bf16")
         assert per_seq and model.get_base_model().config._attn_implementation == attention.NAME
         assert flags() == {False}
         assert dropouts() == {"UniformMaskDropout"}  # on CPU: the cheaper masks
+        assert swapped_mlps() == model.config.num_hidden_layers  # and silu(gate) * up kept smaller
         raise RuntimeError("training failed")  # undone when training fails, as when it returns
     assert model.get_base_model().config._attn_implementation == "sdpa" and flags() == {True}
-    assert dropouts() == {"Dropout"}
+    assert dropouts() == {"Dropout"} and swapped_mlps() == 0
     with torch.no_grad():  # usable outside the trainer's autocast, with padding masks honoured
         model(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([[0, 1, 1]]))
 

@@ -118,25 +118,42 @@ def training_only(model: Any, plan: StepPlan, precision: str, use_dora: bool,
     """The model's training-only settings, undone on leaving (also on failure) for code that keeps using the model:
     per-conversation sdpa in padding-free batches (it needs the collator's sequence boundaries), no fp32 copies of
     the adapter inputs under bf16/fp16 autocast, and with `cheaper_dropout` on CPU LoRA dropout drawn and kept the
-    cheaper way (train/dropout.py; not for TRL's preference trainers, which switch nn.Dropout off themselves).
+    cheaper way (train/dropout.py; not for TRL's preference trainers, which switch nn.Dropout off themselves), and on
+    CPU the gated MLPs' silu(gate) * up kept smaller (train/gated_mlp.py), and 4-bit weights never repacked for
+    bitsandbytes' CPU inference kernel (keep_4bit_weights_unpacked).
     Yields whether sdpa runs per conversation."""
     per_sequence = plan.padding_free and attention.use_per_sequence_sdpa(model)
+    dropout_undo, mlp_undo = [], []
+    unpacked = keep_4bit_weights_unpacked(model)
+    if next(model.parameters()).device.type == "cpu":
+        from .dropout import use_cheaper_lora_dropout
+        from .gated_mlp import use_silu_product
+
+        mlp_undo = use_silu_product(model)  # first: its check runs the MLPs outside autocast, as they are
+        if cheaper_dropout:
+            dropout_undo = use_cheaper_lora_dropout(model, fuse=precision == "fp32")
     if precision in ("bf16", "fp16") and not use_dora:
         cast_adapter_inputs(model, False)
-    dropout_undo = []
-    if cheaper_dropout and next(model.parameters()).device.type == "cpu":
-        from .dropout import use_cheaper_lora_dropout
-
-        dropout_undo = use_cheaper_lora_dropout(model, fuse=precision == "fp32")
     try:
         yield per_sequence
     finally:
         attention.use_plain_sdpa(model)
         cast_adapter_inputs(model, True)
-        if dropout_undo:
-            from .dropout import restore_lora_dropout
+        for module in unpacked:
+            module.support_avx512bf16_for_cpu = True
+        for undo in dropout_undo + mlp_undo:  # closures: nothing is imported while the interpreter may be exiting
+            undo()
 
-            restore_lora_dropout(dropout_undo)
+
+def keep_4bit_weights_unpacked(model: Any) -> list[Any]:
+    """bitsandbytes repacks a 4-bit weight for its CPU inference kernel at the first eval-mode forward without
+    gradients (CPUs with AVX512-BF16), for good, and that kernel has no backward: training after an evaluation gets
+    wrong gradients (measured: LoRA gradients 17-47% off after one eval forward). Training keeps the weights as they
+    are; returns the layers changed, to give the setting back afterwards."""
+    changed = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for module in changed:
+        module.support_avx512bf16_for_cpu = False
+    return changed
 
 
 def cast_adapter_inputs(model: Any, enabled: bool) -> None:

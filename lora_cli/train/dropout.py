@@ -18,6 +18,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .gated_mlp import product, sources_of
+
 
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """True where an element is kept, with probability 1 - p (to 1/65536), from torch's generator: runs repeat
@@ -45,40 +47,43 @@ class UniformMaskDropout(nn.Module):
 
 
 class DroppedLinear(torch.autograd.Function):
-    """linear(dropout(x), weight) keeping x and a bool mask for the backward instead of the dropped copy of x."""
+    """linear(dropout(x), weight) keeping x and a bool mask for the backward instead of the dropped copy of x; where
+    x is a gated MLP's silu(gate) * up (train/gated_mlp.py), keeping gate and up instead of x (the product's own
+    function keeps them already) and recomputing x in the backward."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, p: float, gate: torch.Tensor | None = None,
+                up: torch.Tensor | None = None) -> torch.Tensor:
         keep = keep_mask(x, p)
-        ctx.save_for_backward(x, weight, keep)
+        ctx.save_for_backward(x if gate is None else None, weight, keep, gate, up)
         ctx.scale = 1.0 / (1.0 - p)
         return nn.functional.linear(x * keep, weight) * ctx.scale  # linear: the scale moves to the rank-r output
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x, weight, keep = ctx.saved_tensors
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, keep, gate, up = ctx.saved_tensors
         grad = grad * ctx.scale
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad @ weight) * keep
         if ctx.needs_input_grad[1]:
-            dropped = x * keep
+            dropped = (x if gate is None else product(gate, up)) * keep
             grad_weight = grad.reshape(-1, grad.shape[-1]).T @ dropped.reshape(-1, dropped.shape[-1])
-        return grad_x, grad_weight, None
+        return grad_x, grad_weight, None, None, None
 
 
 def _dropped_forward(p: float) -> Callable:
     def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return nn.functional.linear(x, self.weight)
-        return DroppedLinear.apply(x, self.weight, p)
+        return DroppedLinear.apply(x, self.weight, p, *(sources_of(x) or ()))
 
     return forward
 
 
 def use_cheaper_lora_dropout(model: Any, fuse: bool) -> list[Callable[[], None]]:
     """Swap every LoRA module's nn.Dropout for the cheaper one (fused into lora_A where `fuse` and the adapter is
-    vanilla LoRA); returns the undo steps for restore_lora_dropout. Parameters stay the same objects."""
+    vanilla LoRA); returns the steps that undo it. Parameters stay the same objects."""
     undo: list[Callable[[], None]] = []
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
@@ -100,7 +105,3 @@ def use_cheaper_lora_dropout(model: Any, fuse: bool) -> list[Callable[[], None]]
                 undo.append(lambda d=dropouts, n=name, o=dropout: d.__setitem__(n, o))
     return undo
 
-
-def restore_lora_dropout(undo: list[Callable[[], None]]) -> None:
-    for step in undo:
-        step()
