@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .. import attention
 from ..adapters import BASE_MODIFYING_INITS
@@ -123,15 +123,14 @@ def training_only(model: Any, plan: StepPlan, precision: str, use_dora: bool,
     bitsandbytes' CPU inference kernel (keep_4bit_weights_unpacked).
     Yields whether sdpa runs per conversation."""
     per_sequence = plan.padding_free and attention.use_per_sequence_sdpa(model)
-    dropout_undo, mlp_undo = [], []
-    unpacked = keep_4bit_weights_unpacked(model)
+    undo = keep_4bit_weights_unpacked(model)
     if next(model.parameters()).device.type == "cpu":
         from .dropout import use_cheaper_lora_dropout
         from .gated_mlp import use_silu_product
 
-        mlp_undo = use_silu_product(model)  # first: its check runs the MLPs outside autocast, as they are
+        undo += use_silu_product(model)  # its check runs the MLPs: after the above, before the autocast settings
         if cheaper_dropout:
-            dropout_undo = use_cheaper_lora_dropout(model, fuse=precision == "fp32")
+            undo += use_cheaper_lora_dropout(model, fuse=precision == "fp32")
     if precision in ("bf16", "fp16") and not use_dora:
         cast_adapter_inputs(model, False)
     try:
@@ -139,21 +138,19 @@ def training_only(model: Any, plan: StepPlan, precision: str, use_dora: bool,
     finally:
         attention.use_plain_sdpa(model)
         cast_adapter_inputs(model, True)
-        for module in unpacked:
-            module.support_avx512bf16_for_cpu = True
-        for undo in dropout_undo + mlp_undo:  # closures: nothing is imported while the interpreter may be exiting
-            undo()
+        for step in undo:  # closures: nothing is imported while the interpreter may be exiting
+            step()
 
 
-def keep_4bit_weights_unpacked(model: Any) -> list[Any]:
+def keep_4bit_weights_unpacked(model: Any) -> list[Callable[[], None]]:
     """bitsandbytes repacks a 4-bit weight for its CPU inference kernel at the first eval-mode forward without
     gradients (CPUs with AVX512-BF16), for good, and that kernel has no backward: training after an evaluation gets
     wrong gradients (measured: LoRA gradients 17-47% off after one eval forward). Training keeps the weights as they
-    are; returns the layers changed, to give the setting back afterwards."""
+    are; returns the steps that undo it."""
     changed = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
     for module in changed:
         module.support_avx512bf16_for_cpu = False
-    return changed
+    return [lambda m=module: setattr(m, "support_avx512bf16_for_cpu", True) for module in changed]
 
 
 def cast_adapter_inputs(model: Any, enabled: bool) -> None:

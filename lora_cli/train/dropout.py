@@ -104,4 +104,3 @@ def use_cheaper_lora_dropout(model: Any, fuse: bool) -> list[Callable[[], None]]
                 dropouts[name] = UniformMaskDropout(dropout.p)
                 undo.append(lambda d=dropouts, n=name, o=dropout: d.__setitem__(n, o))
     return undo
-

@@ -93,4 +93,3 @@ def use_silu_product(model: Any) -> list[Callable[[], None]]:
             module.forward = MethodType(_forward, module)
             undo.append(lambda m=module: m.__dict__.pop("forward", None))
     return undo
-
